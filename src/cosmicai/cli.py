@@ -1,0 +1,56 @@
+"""The ``cai`` command. Each command group lives in ``cosmicai.commands.<group>`` and exposes
+``register(subparsers)``; heavy imports (torch, dask, boto3) happen inside the command functions so
+``cai --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Sequence
+
+from . import __version__
+from .errors import CaiError
+
+# Command modules, in the order they appear in `cai --help`. A module missing here is simply skipped.
+COMMAND_MODULES = ("data", "model", "run", "aws", "cluster", "analysis")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser with every available command group."""
+    parser = argparse.ArgumentParser(prog="cai", description="Cloud-based Astronomy Inference: "
+                                     "plan -> infer -> summarize over local, Dask or AWS backends.")
+    parser.add_argument("--version", action="version", version=f"cosmicai {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(f"cosmicai.commands.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"cosmicai.commands.{name}":
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: parse ``argv`` and run the chosen command; bad input exits 2 with a one-line reason."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        rc = args.func(args)
+    except CaiError as exc:
+        print(f"cai: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("cai: interrupted; completed work is kept and a rerun resumes it", file=sys.stderr)
+        return 130
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,273 @@
+"""The native partition format and the dataset manifest (see docs/data.md).
+
+A native partition is one safetensors file holding
+
+* ``images``     float32 [N, 5, 32, 32]  (bands u, g, r, i, z)
+* ``magnitudes`` float32 [N, 5]
+* ``object_id``  int64   [N]
+* ``redshift``   float32 [N]  (optional: present when true redshifts are known)
+
+with string metadata ``format`` = ``cosmicai-partition``, ``format_version`` and ``bands``. It decodes
+without pickle, zero-copy from bytes or a memory map. ``manifest.json`` beside the partitions lists them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..errors import DataError
+
+FORMAT_NAME = "cosmicai-partition"
+FORMAT_VERSION = "1"
+BANDS: tuple[str, ...] = ("u", "g", "r", "i", "z")
+IMAGE_SHAPE: tuple[int, int, int] = (5, 32, 32)
+PARTITION_SUFFIX = ".safetensors"
+MANIFEST_NAME = "manifest.json"
+
+#: Bytes one sample occupies in a native partition (images + magnitudes + redshift + object_id).
+NATIVE_SAMPLE_BYTES = 4 * 5 * 32 * 32 + 4 * 5 + 4 + 8
+#: Bytes one sample occupied in the original CAI ``.pt`` partitions (images f32, magnitudes f64, redshift f32).
+LEGACY_SAMPLE_BYTES = 20_524
+#: Bits of model input per sample (image + magnitudes, float32) used for throughput figures.
+INPUT_BITS_PER_SAMPLE = (4 * 5 * 32 * 32 + 4 * 5) * 8
+
+
+@dataclass
+class Partition:
+    """One partition's arrays, validated on construction by :meth:`validate`."""
+
+    images: np.ndarray
+    magnitudes: np.ndarray
+    object_id: np.ndarray
+    redshift: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of array data held (what partition sizes are counted in)."""
+        total = self.images.nbytes + self.magnitudes.nbytes + self.object_id.nbytes
+        return total + (self.redshift.nbytes if self.redshift is not None else 0)
+
+    def validate(self, source: str = "partition", allow_nonfinite: bool = False) -> "Partition":
+        """Check shapes, dtypes and finiteness; raise DataError naming ``source`` and the reason."""
+        checks = [("images", self.images, np.float32), ("magnitudes", self.magnitudes, np.float32),
+                  ("object_id", self.object_id, np.int64)]
+        if self.redshift is not None:
+            checks.append(("redshift", self.redshift, np.float32))
+        for name, arr, dtype in checks:
+            if not isinstance(arr, np.ndarray):
+                raise DataError(f"{source}: '{name}' is {type(arr).__name__}, expected a numpy array")
+            if arr.dtype != dtype:
+                raise DataError(f"{source}: '{name}' has dtype {arr.dtype}, expected {np.dtype(dtype)}")
+        n = self.images.shape[0] if self.images.ndim else -1
+        if self.images.ndim != 4 or tuple(self.images.shape[1:]) != IMAGE_SHAPE:
+            raise DataError(f"{source}: 'images' has shape {tuple(self.images.shape)}, expected [N, 5, 32, 32] "
+                            f"(5 bands {''.join(BANDS)}, 32x32 pixels)")
+        if self.magnitudes.shape != (n, len(BANDS)):
+            raise DataError(f"{source}: 'magnitudes' has shape {tuple(self.magnitudes.shape)}, expected [{n}, 5]")
+        if self.object_id.shape != (n,):
+            raise DataError(f"{source}: 'object_id' has shape {tuple(self.object_id.shape)}, expected [{n}]")
+        if self.redshift is not None and self.redshift.shape != (n,):
+            raise DataError(f"{source}: 'redshift' has shape {tuple(self.redshift.shape)}, expected [{n}]")
+        if not allow_nonfinite:
+            bad = self.nonfinite_rows()
+            if bad.any():
+                rows = np.flatnonzero(bad)
+                raise DataError(f"{source}: {rows.size} row(s) have NaN or inf in images or magnitudes "
+                                f"(first rows: {rows[:5].tolist()}); use drop_nonfinite to drop them")
+        return self
+
+    def nonfinite_rows(self) -> np.ndarray:
+        """Boolean mask of rows with NaN/inf in images or magnitudes."""
+        img_bad = ~np.isfinite(self.images.reshape(len(self), -1)).all(axis=1)
+        mag_bad = ~np.isfinite(self.magnitudes).all(axis=1)
+        return img_bad | mag_bad
+
+    def take(self, index: np.ndarray | slice) -> "Partition":
+        """A new Partition with the selected rows."""
+        return Partition(self.images[index], self.magnitudes[index], self.object_id[index],
+                         None if self.redshift is None else self.redshift[index])
+
+    @staticmethod
+    def concat(parts: list["Partition"]) -> "Partition":
+        """Concatenate partitions row-wise (redshift kept only if every part has it)."""
+        if not parts:
+            raise DataError("cannot concatenate zero partitions")
+        z = None if any(p.redshift is None for p in parts) else np.concatenate([p.redshift for p in parts])
+        return Partition(np.concatenate([p.images for p in parts]), np.concatenate([p.magnitudes for p in parts]),
+                         np.concatenate([p.object_id for p in parts]), z)
+
+
+def encode_partition(part: Partition) -> bytes:
+    """Serialise a validated partition to native safetensors bytes."""
+    from safetensors.numpy import save
+
+    part.validate(allow_nonfinite=False)
+    tensors = {"images": np.ascontiguousarray(part.images), "magnitudes": np.ascontiguousarray(part.magnitudes),
+               "object_id": np.ascontiguousarray(part.object_id)}
+    if part.redshift is not None:
+        tensors["redshift"] = np.ascontiguousarray(part.redshift)
+    meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "bands": ",".join(BANDS)}
+    return save(tensors, metadata=meta)
+
+
+def _check_header(data: bytes | memoryview, source: str) -> dict[str, Any]:
+    """Parse and sanity-check the safetensors header so corrupt files fail with a clear reason."""
+    if len(data) < 8:
+        raise DataError(f"{source}: truncated file ({len(data)} bytes) - not a safetensors partition")
+    hlen = int.from_bytes(bytes(data[:8]), "little")
+    if hlen <= 0 or 8 + hlen > len(data):
+        raise DataError(f"{source}: truncated or corrupt safetensors header (header length {hlen}, file {len(data)} bytes)")
+    try:
+        header = json.loads(bytes(data[8:8 + hlen]))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"{source}: corrupt safetensors header ({exc})") from exc
+    meta = header.get("__metadata__") or {}
+    if meta.get("format") != FORMAT_NAME:
+        raise DataError(f"{source}: not a cosmicai partition (metadata format={meta.get('format')!r})")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise DataError(f"{source}: unsupported format_version {meta.get('format_version')!r} "
+                        f"(this cosmicai reads {FORMAT_VERSION!r})")
+    end = max((info["data_offsets"][1] for k, info in header.items() if k != "__metadata__"), default=0)
+    if 8 + hlen + end != len(data):
+        raise DataError(f"{source}: truncated or corrupt partition (expected {8 + hlen + end} bytes, got {len(data)})")
+    return header
+
+
+def decode_partition(data: bytes, source: str = "partition", allow_nonfinite: bool = False) -> Partition:
+    """Decode native partition bytes (no pickle); DataError names ``source`` on any defect."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load
+
+    _check_header(data, source)
+    try:
+        arrays = load(data)
+    except SafetensorError as exc:
+        raise DataError(f"{source}: corrupt safetensors data ({exc})") from exc
+    return _from_arrays(arrays, source, allow_nonfinite)
+
+
+def load_partition_file(path: str, source: str | None = None, allow_nonfinite: bool = False) -> Partition:
+    """Decode a native partition from a local file through a memory map (no copy until arrays are used)."""
+    mm = np.memmap(path, dtype=np.uint8, mode="r")
+    source = source or path
+    header = _check_header(mm, source)
+    hlen = int.from_bytes(bytes(mm[:8]), "little")
+    base = 8 + hlen
+    arrays = {}
+    dtypes = {"F32": np.float32, "I64": np.int64, "F64": np.float64, "F16": np.float16, "I32": np.int32}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info["dtype"] not in dtypes:
+            raise DataError(f"{source}: tensor '{name}' has unsupported dtype {info['dtype']}")
+        start, end = info["data_offsets"]
+        arrays[name] = mm[base + start: base + end].view(dtypes[info["dtype"]]).reshape(info["shape"])
+    return _from_arrays(arrays, source, allow_nonfinite)
+
+
+def _from_arrays(arrays: dict[str, np.ndarray], source: str, allow_nonfinite: bool) -> Partition:
+    missing = [k for k in ("images", "magnitudes", "object_id") if k not in arrays]
+    if missing:
+        raise DataError(f"{source}: missing tensor(s) {missing}")
+    unknown = sorted(set(arrays) - {"images", "magnitudes", "object_id", "redshift"})
+    if unknown:
+        raise DataError(f"{source}: unexpected tensor(s) {unknown}")
+    part = Partition(arrays["images"], arrays["magnitudes"], arrays["object_id"], arrays.get("redshift"))
+    return part.validate(source, allow_nonfinite=allow_nonfinite)
+
+
+def sha256_hex(data: bytes) -> str:
+    """Hex SHA-256 of ``data``."""
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass
+class PartitionEntry:
+    """One partition in a manifest."""
+
+    name: str
+    rows: int
+    bytes: int
+    sha256: str
+    first_row: int
+
+
+@dataclass
+class Manifest:
+    """``manifest.json``: what a dataset holds and how to check it."""
+
+    partitions: list[PartitionEntry]
+    format_version: str = FORMAT_VERSION
+    bands: list[str] = field(default_factory=lambda: list(BANDS))
+    image_shape: list[int] = field(default_factory=lambda: list(IMAGE_SHAPE))
+    has_redshift: bool = True
+    total_rows: int = 0
+    total_bytes: int = 0
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        self.total_rows = sum(p.rows for p in self.partitions)
+        self.total_bytes = sum(p.bytes for p in self.partitions)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": "cosmicai-manifest", **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, raw: Any, source: str = MANIFEST_NAME) -> "Manifest":
+        """Parse and check a manifest; DataError names the field at fault."""
+        if not isinstance(raw, dict):
+            raise DataError(f"{source}: manifest must be a JSON object, got {type(raw).__name__}")
+        if raw.get("format_version") != FORMAT_VERSION:
+            raise DataError(f"{source}: unsupported manifest format_version {raw.get('format_version')!r}")
+        if not isinstance(raw.get("partitions"), list):
+            raise DataError(f"{source}: 'partitions' must be a list")
+        entries = []
+        first = 0
+        for i, p in enumerate(raw["partitions"]):
+            try:
+                entry = PartitionEntry(name=str(p["name"]), rows=int(p["rows"]), bytes=int(p["bytes"]),
+                                       sha256=str(p["sha256"]), first_row=int(p["first_row"]))
+            except (KeyError, TypeError, ValueError) as exc:
+                raise DataError(f"{source}: partitions[{i}] is malformed ({exc!r}); needs name, rows, bytes, "
+                                f"sha256, first_row") from exc
+            if entry.rows < 0 or entry.bytes < 0:
+                raise DataError(f"{source}: partitions[{i}] ({entry.name}) has negative rows or bytes")
+            if entry.first_row != first:
+                raise DataError(f"{source}: partitions[{i}] ({entry.name}) first_row is {entry.first_row}, "
+                                f"expected {first}")
+            first += entry.rows
+            entries.append(entry)
+        m = cls(partitions=entries, format_version=raw["format_version"],
+                bands=list(raw.get("bands", BANDS)), image_shape=list(raw.get("image_shape", IMAGE_SHAPE)),
+                has_redshift=bool(raw.get("has_redshift", True)), description=str(raw.get("description", "")))
+        for key in ("total_rows", "total_bytes"):
+            if key in raw and int(raw[key]) != getattr(m, key):
+                raise DataError(f"{source}: '{key}' is {raw[key]} but the partitions add up to {getattr(m, key)}")
+        return m
+
+
+def read_manifest(dataset_url: str) -> Manifest | None:
+    """The manifest of the dataset at ``dataset_url``, or None when it has none."""
+    from .. import storage
+
+    url = storage.join(dataset_url, MANIFEST_NAME)
+    if not storage.exists(url):
+        return None
+    return Manifest.from_dict(storage.read_json(url), source=url)
+
+
+def write_manifest(dataset_url: str, manifest: Manifest) -> str:
+    """Write ``manifest.json`` atomically; returns its URL."""
+    from .. import storage
+
+    url = storage.join(dataset_url, MANIFEST_NAME)
+    storage.write_json(url, manifest.to_dict())
+    return url

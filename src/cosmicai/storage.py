@@ -1,0 +1,201 @@
+"""URL-based storage over fsspec: local paths, ``file://``, ``s3://bucket/prefix`` and any S3-compatible endpoint.
+
+The S3 endpoint is taken, in order, from ``CAI_S3_ENDPOINT``, ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL``
+(unset means real AWS). Listings go through s3fs, which pages through ``ListObjectsV2`` (never one
+unpaginated call), so more than 1,000 objects are always seen.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import uuid
+from typing import Any, Iterable
+
+import fsspec
+from fsspec.core import url_to_fs
+
+from .errors import StorageError
+
+ENDPOINT_VARS = ("CAI_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+
+
+def s3_endpoint() -> str | None:
+    """The S3 endpoint URL from the environment, or None for AWS itself."""
+    for var in ENDPOINT_VARS:
+        if os.environ.get(var):
+            return os.environ[var]
+    return None
+
+
+def is_remote(url: str) -> bool:
+    """True for URLs with a non-local protocol (s3://, gs://, memory://, ...)."""
+    proto = url.split("://", 1)[0] if "://" in url else "file"
+    return proto not in ("file", "local")
+
+
+def storage_options(url: str) -> dict[str, Any]:
+    """fsspec options for ``url``: the configured S3 endpoint for s3:// URLs."""
+    if url.startswith(("s3://", "s3a://")):
+        opts: dict[str, Any] = {}
+        endpoint = s3_endpoint()
+        if endpoint:
+            opts["endpoint_url"] = endpoint
+        return opts
+    return {}
+
+
+def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem for ``url`` and the path within it."""
+    fs, path = url_to_fs(url, **storage_options(url))
+    return fs, path
+
+
+def _protocol(url: str) -> str:
+    return url.split("://", 1)[0] + "://" if "://" in url else ""
+
+
+def join(url: str, *parts: str) -> str:
+    """Join path parts onto a URL with '/' (works for local paths and s3://)."""
+    out = url.rstrip("/") if url not in ("/", "") else url
+    for part in parts:
+        part = str(part).strip("/")
+        if part:
+            out = f"{out}/{part}" if out else part
+    return out
+
+
+def basename(url: str) -> str:
+    """The last path component of a URL."""
+    return url.rstrip("/").rsplit("/", 1)[-1]
+
+
+def local_path(url: str) -> str | None:
+    """The local filesystem path behind ``url``, or None for remote URLs."""
+    if is_remote(url):
+        return None
+    return url[len("file://"):] if url.startswith("file://") else url
+
+
+def natural_key(name: str) -> list:
+    """Sort key that orders embedded numbers numerically: 2.pt before 10.pt."""
+    return [int(tok) if tok.isdigit() else tok for tok in re.split(r"(\d+)", name)]
+
+
+def exists(url: str) -> bool:
+    """True if a file or directory exists at ``url``."""
+    fs, path = filesystem(url)
+    try:
+        fs.invalidate_cache(path)
+    except Exception:  # noqa: BLE001 - not every filesystem caches
+        pass
+    return fs.exists(path)
+
+
+def read_bytes(url: str) -> bytes:
+    """Read a whole object; StorageError names the URL when it is missing or unreadable."""
+    fs, path = filesystem(url)
+    try:
+        with fs.open(path, "rb") as fh:
+            return fh.read()
+    except FileNotFoundError as exc:
+        raise StorageError(f"{url}: no such file") from exc
+    except IsADirectoryError as exc:
+        raise StorageError(f"{url}: is a directory, expected a file") from exc
+    except OSError as exc:
+        raise StorageError(f"{url}: cannot read ({exc})") from exc
+
+
+def write_bytes(url: str, data: bytes) -> None:
+    """Write an object atomically: readers see the old object or the whole new one, never a part.
+
+    Local files are written to a temporary name in the same folder and renamed; an S3 PUT is atomic.
+    """
+    lpath = local_path(url)
+    try:
+        if lpath is not None:
+            folder = os.path.dirname(os.path.abspath(lpath))
+            os.makedirs(folder, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+            try:
+                with os.fdopen(fd, "wb") as fh:
+                    fh.write(data)
+                os.replace(tmp, lpath)
+            except BaseException:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+                raise
+        else:
+            fs, path = filesystem(url)
+            fs.pipe_file(path, data)
+    except OSError as exc:
+        raise StorageError(f"{url}: cannot write ({exc})") from exc
+
+
+def read_json(url: str) -> Any:
+    """Read and parse a JSON object; errors name the URL."""
+    raw = read_bytes(url)
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise StorageError(f"{url}: not valid JSON ({exc})") from exc
+
+
+def write_json(url: str, obj: Any, indent: int | None = 1) -> None:
+    """Serialise ``obj`` as JSON and write it atomically."""
+    write_bytes(url, json.dumps(obj, indent=indent, default=_json_default).encode())
+
+
+def _json_default(obj: Any) -> Any:
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if hasattr(obj, "__fspath__"):
+        return os.fspath(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def list_files(url: str, suffixes: Iterable[str] | str | None = None, recursive: bool = False) -> list[str]:
+    """List the files under a folder URL (paginated on S3), as full URLs in natural numeric order.
+
+    Returns an empty list when the folder does not exist.
+    """
+    fs, path = filesystem(url)
+    if isinstance(suffixes, str):
+        suffixes = (suffixes,)
+    try:
+        fs.invalidate_cache(path)
+    except Exception:  # noqa: BLE001
+        pass
+    try:
+        if recursive:
+            entries = fs.find(path, detail=False)
+        else:
+            entries = [e["name"] for e in fs.ls(path, detail=True) if e.get("type") != "directory"]
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        raise StorageError(f"{url}: cannot list ({exc})") from exc
+    proto = _protocol(url)
+    out = []
+    for name in entries:
+        if suffixes and not any(name.endswith(s) for s in suffixes):
+            continue
+        full = proto + name if proto and not name.startswith(proto) else name
+        out.append(full)
+    return sorted(out, key=natural_key)
+
+
+def remove(url: str, recursive: bool = False) -> None:
+    """Delete a file (or a folder with recursive=True); a missing target is not an error."""
+    fs, path = filesystem(url)
+    try:
+        fs.rm(path, recursive=recursive)
+    except FileNotFoundError:
+        pass
+
+
+def unique_suffix() -> str:
+    """A short random token for temporary names."""
+    return uuid.uuid4().hex[:12]
