@@ -14,7 +14,7 @@ from . import __version__
 from .errors import CaiError
 
 # Command modules, in the order they appear in `cai --help`. A module missing here is simply skipped.
-COMMAND_MODULES = ("data", "model", "run", "aws", "cluster", "analysis")
+COMMAND_MODULES = ("data", "model", "run", "aws", "cluster", "analysis", "simulate")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,197 @@
+"""``cai bench``: the original's experiment grid, laid out like its result trees.
+
+For every partition size P and data size S, ``runs`` runs at the sweep batch size go to
+``ROOT/result-partition-<P>/<S>/<run>/``; for the batch-size sweep (data size ``batch_data``, default the
+smallest S) every batch size b goes to ``ROOT/result-partition-<P>/<S>/Batches/<b>/<run>/``. Each run's
+stage wall times are appended to ``ROOT/state_machine_logs.csv`` (the original's columns), so ``cai stats``
+and ``cai plot`` work on ROOT directly. Datasets of each size are resampled from ``--data``
+(:mod:`cosmicai.data.resample`) under ``ROOT/datasets/<P>/<S>/``; ``ROOT/bench.json`` lists every run with
+the distinct samples it used.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+from .. import storage
+from ..errors import ConfigError
+from .cost import parse_size
+from .stats import LOG_COLUMNS
+
+BACKENDS = ("local", "dask", "aws")
+
+
+def size_label(text: str) -> str:
+    """A folder label for a size: ``1GB``, ``25MB``, ``0.5MB`` (the user's number, upper-case unit)."""
+    parse_size(text)
+    t = str(text).strip().replace(" ", "")
+    num = t.rstrip("bBkKmMgGtTiI")
+    unit = t[len(num):].upper().replace("IB", "B") or "MB"
+    return f"{float(num):g}{unit}"
+
+
+@dataclass
+class BenchSpec:
+    """The grid: data URL, sizes, partition sizes, batch sizes, runs, backend and run options."""
+
+    data: str
+    out: str
+    sizes: Sequence[str]
+    partitions: Sequence[str]
+    batch_sizes: Sequence[int] = (32, 64, 128, 256, 512)
+    runs: int = 3
+    backend: str = "local"
+    model: str = "astromae-demo"
+    weights: str | None = None
+    sweep_batch: int | None = None
+    batch_data: str | None = None
+    mode: str = "cycle"
+    seed: int = 0
+    workers: int | None = None
+    threads: int | None = None
+    run_mode: str = "exact"
+    device: str = "cpu"
+    scheduler: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def check(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"--backend: unknown backend {self.backend!r}; expected one of {BACKENDS}")
+        if not self.sizes or not self.partitions:
+            raise ConfigError("--sizes and --partitions need at least one size each")
+        if self.runs < 1:
+            raise ConfigError(f"--runs must be >= 1, got {self.runs}")
+        if any(b < 1 for b in self.batch_sizes):
+            raise ConfigError(f"--batch-sizes must be positive, got {list(self.batch_sizes)}")
+        for s in [*self.sizes, *self.partitions, *([self.batch_data] if self.batch_data else [])]:
+            parse_size(s)
+        if self.batch_data and size_label(self.batch_data) not in {size_label(s) for s in self.sizes}:
+            raise ConfigError(f"--batch-data {self.batch_data} is not one of --sizes {list(self.sizes)}")
+
+
+def _log_row(partition: str, size: str, batch: int, varying: bool, run: int, summary: dict[str, Any]) -> list[str]:
+    from .stats import stage_durations
+
+    total, map_s = stage_durations(summary)
+    p_mb = parse_size(partition) / 1024**2
+    gb = parse_size(size) / 1024**3
+    return [f"{p_mb:g}", repr(gb), str(batch), str(varying), str(run), str(summary.get("world_size")),
+            "" if total is None else repr(round(total, 2)), "" if map_s is None else repr(round(map_s, 2))]
+
+
+def _append_log(url: str, row: list[str]) -> None:
+    text = storage.read_bytes(url).decode() if storage.exists(url) else ""
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    if not text:
+        w.writerow(LOG_COLUMNS)
+    w.writerow(row)
+    storage.write_bytes(url, (text + buf.getvalue()).encode())
+
+
+def _runner(spec: BenchSpec) -> tuple[Callable[[Any], dict[str, Any]], Callable[[], None]]:
+    """(run one config -> summary, close) for the spec's backend; one backend serves the whole grid."""
+    if spec.backend == "aws":
+        return _aws_runner(spec), lambda: None
+    from ..backends.base import get_backend
+    from ..pipeline.run import run
+
+    options: dict[str, Any] = {"workers": spec.workers, "threads": spec.threads}
+    if spec.backend == "dask":
+        options["scheduler"] = spec.scheduler
+    backend = get_backend(spec.backend, **options)
+    return (lambda cfg: run(cfg, backend=backend, progress=False, report=False)), backend.close
+
+
+def _aws_runner(spec: BenchSpec) -> Callable[[Any], dict[str, Any]]:
+    """Run each grid point as one Step Functions execution of a deployed stack (``spec.extra``: stack or
+    state_machine_arn, endpoint, region) and return its summary.json, with the execution's wall time as the
+    whole-run duration. ``--data`` and ``--out`` must then be s3:// URLs the Lambdas can reach."""
+    from ..backends.aws import client as aws
+
+    if not (spec.data.startswith("s3://") and spec.out.startswith("s3://")):
+        raise ConfigError("--backend aws needs s3:// URLs for --data and --out (the Lambdas read and write them)")
+    endpoint, region = spec.extra.get("endpoint"), spec.extra.get("region")
+    sfn = aws.client("stepfunctions", endpoint, region)
+    arn = spec.extra.get("state_machine_arn")
+    if not arn and spec.extra.get("stack"):
+        arn = aws.stack_outputs(aws.client("cloudformation", endpoint, region), spec.extra["stack"]).get("StateMachineArn")
+    if not arn:
+        raise ConfigError("--backend aws needs --stack NAME (a deployed stack) or --state-machine-arn ARN")
+
+    def run_one(cfg: Any) -> dict[str, Any]:
+        run_input = {k: v for k, v in cfg.plan_dict().items() if v is not None}
+        t0 = time.perf_counter()
+        final = aws.wait(sfn, aws.start_run(sfn, arn, run_input, aws.run_name("cai-bench")))
+        total = time.perf_counter() - t0
+        summary = aws.read_summary(cfg.result)
+        if final["status"] != "SUCCEEDED" or summary is None:
+            raise ConfigError(f"{cfg.result}: execution {final['status']}: {final.get('error')} {final.get('cause')}")
+        summary["stages"] = {**(summary.get("stages") or {}), "total_s": total}
+        return summary
+
+    return run_one
+
+
+def bench(spec: BenchSpec, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the grid; returns ``bench.json``'s content (every run: where, summary figures, distinct samples)."""
+    from ..config import load_config
+    from ..data.resample import resample
+
+    spec.check()
+    sizes = [size_label(s) for s in spec.sizes]
+    parts = [size_label(p) for p in spec.partitions]
+    sweep_batch = spec.sweep_batch or max(spec.batch_sizes)
+    batch_data = size_label(spec.batch_data) if spec.batch_data else min(sizes, key=parse_size)
+    log_url = storage.join(spec.out, "state_machine_logs.csv")
+    storage.remove(log_url)
+    runner, close = _runner(spec)
+    done: list[dict[str, Any]] = []
+    datasets: dict[str, Any] = {}
+    t_all = time.perf_counter()
+    try:
+        for p in parts:
+            for s in sizes:
+                ds_url = storage.join(spec.out, "datasets", p, s)
+                info = resample(spec.data, ds_url, parse_size(s, "gb"), parse_size(p, "mb"), spec.mode, spec.seed)
+                datasets[f"{p}/{s}"] = {"url": ds_url, **info.__dict__}
+                log(f"dataset {p}/{s}: {info.rows} rows in {info.partitions} partitions, "
+                    f"{info.distinct_samples} distinct samples ({info.epochs:.2f} passes over the source)")
+                grid = [(None, sweep_batch)]
+                if s == batch_data:
+                    grid += [(b, b) for b in spec.batch_sizes]
+                for varying, batch in grid:
+                    for run in range(1, spec.runs + 1):
+                        sub = [f"result-partition-{p}", s] + (["Batches", str(varying)] if varying else []) + [str(run)]
+                        result = storage.join(spec.out, *sub)
+                        cfg, _ = load_config(None, data=ds_url, result=result, model=spec.model, weights=spec.weights,
+                                             batch_size=batch, mode=spec.run_mode, device=spec.device,
+                                             backend=spec.backend if spec.backend != "aws" else "local",
+                                             workers=spec.workers, threads=spec.threads, overwrite=True)
+                        summary = runner(cfg)
+                        _append_log(log_url, _log_row(p, s, batch, varying is not None, run, summary))
+                        entry = {"result": result, "partition": p, "size": s, "batch_size": batch,
+                                 "batch_varying": varying is not None, "run": run,
+                                 "ranks": summary.get("world_size"), "rows": summary.get("rows"),
+                                 "distinct_samples": info.distinct_samples, "map_wall_s": summary.get("map_wall_s"),
+                                 "throughput_bps": summary.get("throughput_bps"),
+                                 "complete": (summary.get("completeness") or {}).get("complete")}
+                        done.append(entry)
+                        log(f"  {'/'.join(sub)}: {entry['rows']} rows ({info.distinct_samples} distinct), map "
+                            f"{_f(entry['map_wall_s'])} s, {_f((entry['throughput_bps'] or 0) / 1e6)} Mbit/s")
+    finally:
+        close()
+    report = {"data": spec.data, "backend": spec.backend, "model": spec.model, "sweep_batch": sweep_batch,
+              "batch_data": batch_data, "resample_mode": spec.mode, "seed": spec.seed, "datasets": datasets,
+              "runs": done, "wall_s": time.perf_counter() - t_all}
+    storage.write_json(storage.join(spec.out, "bench.json"), report)
+    return report
+
+
+def _f(x: Any) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3g}"
