@@ -22,6 +22,18 @@ from .errors import StorageError
 ENDPOINT_VARS = ("CAI_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 
 
+def _remote_error_types() -> tuple[type[BaseException], ...]:
+    """OSError plus botocore's connection/credential errors, which s3fs lets through unwrapped."""
+    try:
+        from botocore.exceptions import BotoCoreError
+    except ImportError:
+        return (OSError,)
+    return (OSError, BotoCoreError)
+
+
+_REMOTE_ERRORS = _remote_error_types()
+
+
 def s3_endpoint() -> str | None:
     """The S3 endpoint URL from the environment, or None for AWS itself."""
     for var in ENDPOINT_VARS:
@@ -104,7 +116,7 @@ def read_bytes(url: str) -> bytes:
         raise StorageError(f"{url}: no such file") from exc
     except IsADirectoryError as exc:
         raise StorageError(f"{url}: is a directory, expected a file") from exc
-    except OSError as exc:
+    except _REMOTE_ERRORS as exc:
         raise StorageError(f"{url}: cannot read ({exc})") from exc
 
 
@@ -130,7 +142,7 @@ def write_bytes(url: str, data: bytes) -> None:
         else:
             fs, path = filesystem(url)
             fs.pipe_file(path, data)
-    except OSError as exc:
+    except _REMOTE_ERRORS as exc:
         raise StorageError(f"{url}: cannot write ({exc})") from exc
 
 
@@ -161,6 +173,12 @@ def list_files(url: str, suffixes: Iterable[str] | str | None = None, recursive:
 
     Returns an empty list when the folder does not exist.
     """
+    return [u for u, _ in list_files_with_sizes(url, suffixes, recursive)]
+
+
+def list_files_with_sizes(url: str, suffixes: Iterable[str] | str | None = None,
+                          recursive: bool = False) -> list[tuple[str, int]]:
+    """Like :func:`list_files`, with each file's size in bytes: ``[(url, size), ...]``."""
     fs, path = filesystem(url)
     if isinstance(suffixes, str):
         suffixes = (suffixes,)
@@ -170,21 +188,40 @@ def list_files(url: str, suffixes: Iterable[str] | str | None = None, recursive:
         pass
     try:
         if recursive:
-            entries = fs.find(path, detail=False)
+            found = fs.find(path, detail=True)
+            entries = [(name, info) for name, info in found.items() if info.get("type") != "directory"]
         else:
-            entries = [e["name"] for e in fs.ls(path, detail=True) if e.get("type") != "directory"]
+            entries = [(e["name"], e) for e in fs.ls(path, detail=True) if e.get("type") != "directory"]
     except FileNotFoundError:
         return []
-    except OSError as exc:
+    except _REMOTE_ERRORS as exc:
         raise StorageError(f"{url}: cannot list ({exc})") from exc
     proto = _protocol(url)
     out = []
-    for name in entries:
+    for name, info in entries:
         if suffixes and not any(name.endswith(s) for s in suffixes):
             continue
         full = proto + name if proto and not name.startswith(proto) else name
-        out.append(full)
-    return sorted(out, key=natural_key)
+        out.append((full, int(info.get("size") or 0)))
+    return sorted(out, key=lambda item: natural_key(item[0]))
+
+
+def size(url: str) -> int | None:
+    """Size in bytes of the file at ``url``, or None when there is no such file."""
+    fs, path = filesystem(url)
+    try:
+        fs.invalidate_cache(path)
+    except Exception:  # noqa: BLE001
+        pass
+    try:
+        info = fs.info(path)
+    except FileNotFoundError:
+        return None
+    except _REMOTE_ERRORS as exc:
+        raise StorageError(f"{url}: cannot stat ({exc})") from exc
+    if info.get("type") == "directory":
+        return None
+    return int(info.get("size") or 0)
 
 
 def remove(url: str, recursive: bool = False) -> None:

