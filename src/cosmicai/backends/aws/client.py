@@ -1,0 +1,153 @@
+"""boto3 side of ``cai aws``: find the state machine, start a named execution, follow its Distributed Map,
+and read the result. Every client honours an explicit endpoint or ``AWS_ENDPOINT_URL`` (boto3 reads it
+natively), so the same code runs against moto's server in the tests.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import uuid
+from typing import Any, Callable
+
+from ...errors import ConfigError, StorageError
+
+TERMINAL = ("SUCCEEDED", "FAILED", "TIMED_OUT", "ABORTED")
+_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,80}$")
+
+
+def client(service: str, endpoint: str | None = None, region: str | None = None) -> Any:
+    """A boto3 client; ``endpoint`` overrides AWS_ENDPOINT_URL (which boto3 already honours)."""
+    import boto3
+
+    kwargs: dict[str, Any] = {}
+    if endpoint:
+        kwargs["endpoint_url"] = endpoint
+    if region:
+        kwargs["region_name"] = region
+    return boto3.client(service, **kwargs)
+
+
+def stack_outputs(cfn: Any, stack: str) -> dict[str, str]:
+    """The Outputs of a deployed stack as a dict; ConfigError when the stack does not exist."""
+    from botocore.exceptions import ClientError
+
+    try:
+        stacks = cfn.describe_stacks(StackName=stack)["Stacks"]
+    except ClientError as exc:
+        raise ConfigError(f"--stack {stack}: {exc.response['Error'].get('Message', exc)}") from exc
+    return {o["OutputKey"]: o["OutputValue"] for o in stacks[0].get("Outputs", [])}
+
+
+def run_name(prefix: str = "cai") -> str:
+    """A unique execution name (also the run's result folder): ``cai-YYYYmmdd-HHMMSS-xxxxxx``."""
+    return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:6]}"
+
+
+def check_name(name: str) -> str:
+    if not _NAME_RE.match(name):
+        raise ConfigError(f"--name {name!r}: execution names are 1-80 characters of letters, digits, '-' and '_'")
+    return name
+
+
+def start_run(sfn: Any, state_machine_arn: str, run_input: dict[str, Any], name: str) -> str:
+    """Start a NAMED execution with the run config as input; returns the execution ARN."""
+    from botocore.exceptions import ClientError
+
+    try:
+        resp = sfn.start_execution(stateMachineArn=state_machine_arn, name=check_name(name),
+                                   input=json.dumps(run_input))
+    except ClientError as exc:
+        raise ConfigError(f"cannot start execution {name} on {state_machine_arn}: "
+                          f"{exc.response['Error'].get('Message', exc)}") from exc
+    return resp["executionArn"]
+
+
+def map_progress(sfn: Any, execution_arn: str) -> dict[str, Any] | None:
+    """ItemCounts of the execution's Distributed Map run (ListMapRuns + DescribeMapRun), or None before it starts."""
+    runs = sfn.list_map_runs(executionArn=execution_arn).get("mapRuns", [])
+    if not runs:
+        return None
+    desc = sfn.describe_map_run(mapRunArn=runs[-1]["mapRunArn"])
+    return {"map_run_arn": desc["mapRunArn"], "status": desc.get("status"), "items": desc.get("itemCounts", {}),
+            "executions": desc.get("executionCounts", {}), "max_concurrency": desc.get("maxConcurrency")}
+
+
+def status(sfn: Any, execution_arn: str) -> dict[str, Any]:
+    """Execution status, Map progress, output (parsed) and error/cause of a run."""
+    from botocore.exceptions import ClientError
+
+    try:
+        desc = sfn.describe_execution(executionArn=execution_arn)
+    except ClientError as exc:
+        raise ConfigError(f"{execution_arn}: {exc.response['Error'].get('Message', exc)}") from exc
+    out: dict[str, Any] = {"execution_arn": execution_arn, "name": desc.get("name"), "status": desc["status"],
+                           "start": str(desc.get("startDate")), "stop": str(desc.get("stopDate") or "") or None}
+    if desc.get("input"):
+        out["input"] = json.loads(desc["input"])
+    if desc.get("output"):
+        out["output"] = json.loads(desc["output"])
+    for key in ("error", "cause"):
+        if desc.get(key):
+            out[key] = desc[key]
+    out["map"] = map_progress(sfn, execution_arn)
+    return out
+
+
+def wait(sfn: Any, execution_arn: str, poll_s: float = 2.0, timeout_s: float | None = None,
+         on_update: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Poll until the execution ends, calling ``on_update(status)`` each time; returns the final status."""
+    t0 = time.monotonic()
+    while True:
+        st = status(sfn, execution_arn)
+        if on_update is not None:
+            on_update(st)
+        if st["status"] in TERMINAL:
+            return st
+        if timeout_s is not None and time.monotonic() - t0 > timeout_s:
+            raise TimeoutError(f"{execution_arn} still {st['status']} after {timeout_s:.0f} s "
+                               f"(it keeps running; follow it with `cai aws status {execution_arn}`)")
+        time.sleep(poll_s)
+
+
+def progress_line(st: dict[str, Any]) -> str:
+    """One human line: execution status and the Map's item counts."""
+    line = f"{st['status']:<9}"
+    m = st.get("map")
+    if m:
+        c = m["items"]
+        line += (f" ranks: {c.get('succeeded', 0)}/{c.get('total', 0)} succeeded, {c.get('running', 0)} running, "
+                 f"{c.get('pending', 0)} pending, {c.get('failed', 0) + c.get('timedOut', 0) + c.get('aborted', 0)} failed")
+    else:
+        line += " (planning)" if st["status"] == "RUNNING" else ""
+    return line
+
+
+def upload_dataset(local_dir: str, data_url: str) -> int:
+    """Copy the files of a local dataset folder to ``data_url`` (s3://); returns the number of files."""
+    import os
+
+    from ... import storage
+
+    if not os.path.isdir(local_dir):
+        raise ConfigError(f"--upload {local_dir}: not a folder")
+    if not data_url.startswith("s3://"):
+        raise ConfigError(f"--upload needs an s3:// data URL, got {data_url!r}")
+    names = sorted(n for n in os.listdir(local_dir) if os.path.isfile(os.path.join(local_dir, n)))
+    if not names:
+        raise ConfigError(f"--upload {local_dir}: the folder holds no files")
+    for name in names:
+        with open(os.path.join(local_dir, name), "rb") as fh:
+            storage.write_bytes(storage.join(data_url, name), fh.read())
+    return len(names)
+
+
+def read_summary(result_url: str) -> dict[str, Any] | None:
+    """The run's summary.json, or None when Summarize did not write one."""
+    from ... import storage
+
+    try:
+        return storage.read_json(storage.join(result_url, "summary.json"))
+    except StorageError:
+        return None

@@ -1,0 +1,295 @@
+"""``cai aws deploy | run | status | logs``: the serverless backend (Step Functions + Lambda), see docs/aws.md."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Any
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``aws`` command group."""
+    p = subparsers.add_parser("aws", help="run on AWS Step Functions + Lambda (deploy, run, status, logs)",
+                              description="The serverless backend. Every AWS call honours --endpoint or "
+                              "AWS_ENDPOINT_URL (e.g. a local moto server).")
+    sub = p.add_subparsers(dest="aws_command", metavar="SUBCOMMAND")
+
+    d = sub.add_parser("deploy", help="build and push the Lambda image, deploy the SAM stack",
+                       description="Builds the container image (docker buildx), pushes it to ECR and deploys "
+                       "template.yaml with sam. Runs the steps when aws, docker and sam are installed (and "
+                       "--print is not given); otherwise prints the exact commands.")
+    d.add_argument("--stack", required=True, help="CloudFormation stack name (also the functions' name prefix)")
+    d.add_argument("--region", default=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1")
+    d.add_argument("--data-bucket", required=True, dest="data_bucket")
+    d.add_argument("--data-prefix", required=True, dest="data_prefix", help="datasets live under this key prefix")
+    d.add_argument("--result-bucket", required=True, dest="result_bucket")
+    d.add_argument("--result-prefix", default="cai-results", dest="result_prefix")
+    d.add_argument("--arch", choices=("x86_64", "arm64"), default="x86_64")
+    d.add_argument("--memory", type=int, default=3008, help="inference Lambda memory, MB (128-10240)")
+    d.add_argument("--timeout", type=int, default=900, help="Lambda timeout, s (max 900)")
+    d.add_argument("--ephemeral", type=int, default=512, help="Lambda /tmp size, MB (512-10240)")
+    d.add_argument("--reserved-concurrency", type=int, default=0, dest="reserved_concurrency")
+    d.add_argument("--max-concurrency", type=int, default=100, dest="max_concurrency")
+    d.add_argument("--tolerated-failure-percentage", type=float, default=0.0, dest="tolerated_failure_percentage")
+    d.add_argument("--allow-failures", action="store_true", dest="allow_failures")
+    d.add_argument("--model", default="astromae-demo")
+    d.add_argument("--repository", default="cosmicai-lambda", help="ECR repository name")
+    d.add_argument("--tag", default="latest")
+    d.add_argument("--account", help="AWS account id (default: looked up with aws sts)")
+    d.add_argument("--print", action="store_true", dest="print_only", help="only print the commands")
+    d.set_defaults(func=cmd_deploy)
+
+    r = sub.add_parser("run", help="start a named execution, follow it, print the summary",
+                       description="Starts a NAMED execution of the deployed state machine with the run config "
+                       "as input, shows live progress from the Distributed Map's item counts, then downloads "
+                       "and prints summary.json. Exit 0 when the execution succeeded.")
+    r.add_argument("config", nargs="?", help="run config file/URL (native or the original CAI payload)")
+    r.add_argument("--data", help="dataset URL (s3://bucket/prefix)")
+    r.add_argument("--result", help="result URL (default: the stack's result location / execution name)")
+    r.add_argument("--model")
+    r.add_argument("--batch-size", type=int, dest="batch_size")
+    r.add_argument("--file-limit", type=int, dest="file_limit")
+    r.add_argument("--world-size", type=int, dest="world_size")
+    r.add_argument("--allow-failures", action="store_true", default=None, dest="allow_failures")
+    r.add_argument("--max-concurrency", type=int, dest="max_concurrency", help="override the stack's default")
+    r.add_argument("--tolerated-failure-percentage", type=float, dest="tolerated_failure_percentage")
+    _target_args(r)
+    r.add_argument("--name", help="execution name (default cai-<time>-<random>); also the result folder")
+    r.add_argument("--upload", metavar="DIR", help="first copy this local dataset folder to --data")
+    r.add_argument("--poll", type=float, default=5.0, help="seconds between progress polls")
+    r.add_argument("--timeout", type=float, help="stop following after this many seconds")
+    r.add_argument("--no-wait", action="store_true", dest="no_wait", help="start it and print its ARN")
+    r.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("status", help="status, Map progress and result of an execution")
+    s.add_argument("execution_arn")
+    s.add_argument("--json", action="store_true", help="print the status as JSON")
+    _common_args(s)
+    s.set_defaults(func=cmd_status)
+
+    lg = sub.add_parser("logs", help="Lambda REPORT lines -> duration, memory, init time and cost per invocation",
+                        description="Reads the REPORT lines of a function's CloudWatch log group and prices every "
+                        "invocation (one invocation = one rank for the infer function).")
+    lg.add_argument("--function", required=True, help="function name (e.g. STACK-infer) or log group (/aws/lambda/...)")
+    lg.add_argument("--since", default="1h", help="how far back: 30m, 2h, 1d, or an ISO time (default 1h)")
+    lg.add_argument("--arch", choices=("x86_64", "arm64"), help="price table (default: the function's architecture)")
+    lg.add_argument("--memory", type=int, help="price at this memory (MB) instead of each REPORT's Memory Size")
+    lg.add_argument("--json", action="store_true")
+    _common_args(lg)
+    lg.set_defaults(func=cmd_logs)
+    p.set_defaults(func=lambda a: (p.print_help(), 2)[1])
+
+
+def _common_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--endpoint", help="AWS endpoint URL for every service (default AWS_ENDPOINT_URL or AWS)")
+    p.add_argument("--region")
+
+
+def _target_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--stack", help="deployed stack name (its outputs give the state machine and result location)")
+    p.add_argument("--state-machine-arn", dest="state_machine_arn")
+    _common_args(p)
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    """``cai aws deploy``."""
+    from ..backends.aws import deploy
+
+    settings = deploy.DeploySettings(
+        stack=args.stack, region=args.region, data_bucket=args.data_bucket, data_prefix=args.data_prefix,
+        result_bucket=args.result_bucket, result_prefix=args.result_prefix, arch=args.arch, memory_mb=args.memory,
+        timeout_s=args.timeout, ephemeral_mb=args.ephemeral, reserved_concurrency=args.reserved_concurrency,
+        max_concurrency=args.max_concurrency, tolerated_failure_percentage=args.tolerated_failure_percentage,
+        allow_failures=args.allow_failures, model=args.model, repository=args.repository, tag=args.tag,
+        account=args.account).validate()
+    root = _repo_root()
+    missing = deploy.missing_tools()
+    if args.print_only or missing:
+        if missing and not args.print_only:
+            print(f"# {', '.join(missing)} not installed: run these commands where they are "
+                  f"(from the repository root):", file=sys.stderr)
+        print(deploy.script(settings, "."))
+        return 0
+    deploy.execute(settings, root)
+    print(f"deployed stack {args.stack}; start a run with: cai aws run CONFIG --stack {args.stack}")
+    return 0
+
+
+def _repo_root() -> str:
+    here = os.path.dirname(os.path.abspath(__file__))
+    root = os.path.abspath(os.path.join(here, "..", "..", ".."))
+    return root if os.path.exists(os.path.join(root, "pyproject.toml")) else os.getcwd()
+
+
+def _run_input(args: argparse.Namespace) -> dict[str, Any]:
+    from .. import storage
+    from ..config import load_config
+    from ..errors import ConfigError
+
+    raw: dict[str, Any] = {}
+    if args.config:
+        raw = storage.read_json(args.config)
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{args.config}: a run config must be a JSON object")
+    for key in ("data", "result", "model", "batch_size", "file_limit", "world_size", "allow_failures"):
+        value = getattr(args, key)
+        if value is not None:
+            raw[key] = value
+    # Validate here (same rules as the Initialize Lambda) so a typo fails before anything starts.
+    load_config(raw, result=None if ("result" in raw or "result_path" in raw) else "s3://placeholder/x")
+    options = {k: getattr(args, k) for k in ("max_concurrency", "tolerated_failure_percentage")
+               if getattr(args, k) is not None}
+    if options:
+        raw["aws"] = options
+    return raw
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """``cai aws run``."""
+    from ..backends.aws import client as aws
+    from ..config import load_config
+    from ..errors import ConfigError
+
+    if not args.config and not args.data:
+        raise ConfigError("give a run config file or --data s3://bucket/prefix")
+    run_input = _run_input(args)
+    sfn = aws.client("stepfunctions", args.endpoint, args.region)
+    arn = args.state_machine_arn
+    outputs: dict[str, str] = {}
+    if args.stack:
+        outputs = aws.stack_outputs(aws.client("cloudformation", args.endpoint, args.region), args.stack)
+        arn = arn or outputs.get("StateMachineArn")
+    if not arn:
+        raise ConfigError("give --stack NAME (a deployed stack) or --state-machine-arn ARN")
+    name = aws.check_name(args.name) if args.name else aws.run_name()
+    if "result" not in run_input and "result_path" not in run_input:
+        if not outputs.get("ResultLocation"):
+            raise ConfigError("no result URL: give --result s3://... (or --stack, whose outputs name the result location)")
+        run_input["result"] = outputs["ResultLocation"].rstrip("/") + "/" + name
+    config, _ = load_config({k: v for k, v in run_input.items() if k != "aws"})
+    if args.upload:
+        n = aws.upload_dataset(args.upload, config.data)
+        print(f"uploaded {n} file(s) from {args.upload} to {config.data}")
+    execution = aws.start_run(sfn, arn, run_input, name)
+    print(f"started execution {name}\n  {execution}\n  results: {config.result}")
+    if args.no_wait:
+        return 0
+    last = [""]
+
+    def show(st: dict[str, Any]) -> None:
+        line = aws.progress_line(st)
+        if line != last[0]:
+            print(f"  [{time.strftime('%H:%M:%S')}] {line}", flush=True)
+            last[0] = line
+
+    final = aws.wait(sfn, execution, poll_s=args.poll, timeout_s=args.timeout, on_update=show)
+    return _report(final, config.result)
+
+
+def _report(st: dict[str, Any], result_url: str | None) -> int:
+    from ..backends.aws import client as aws
+
+    if st.get("error"):
+        print(f"execution {st['status']}: {st['error']}: {_short(st.get('cause'))}", file=sys.stderr)
+    summary = aws.read_summary(result_url) if result_url else None
+    if summary is not None:
+        from ..pipeline.run import format_report
+
+        print(format_report(summary))
+    elif result_url:
+        print(f"no summary.json under {result_url}", file=sys.stderr)
+    return 0 if st["status"] == "SUCCEEDED" else 1
+
+
+def _short(cause: Any, limit: int = 2000) -> str:
+    if not isinstance(cause, str):
+        return str(cause)
+    try:
+        payload = json.loads(cause)
+        if isinstance(payload, dict) and "errorMessage" in payload:
+            return f"{payload.get('errorType')}: {payload['errorMessage']}"
+    except json.JSONDecodeError:
+        pass
+    return cause[:limit]
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """``cai aws status``."""
+    from ..backends.aws import client as aws
+
+    sfn = aws.client("stepfunctions", args.endpoint, args.region)
+    st = aws.status(sfn, args.execution_arn)
+    if args.json:
+        print(json.dumps(st, indent=1, default=str))
+        return 0
+    print(f"{st['name']}: {aws.progress_line(st)}")
+    print(f"  started {st['start']}" + (f", stopped {st['stop']}" if st.get("stop") else ""))
+    result_url = (st.get("output") or {}).get("result_url") or (st.get("input") or {}).get("result")
+    if st["status"] in aws.TERMINAL:
+        return _report(st, result_url)
+    return 0
+
+
+def _since_ms(text: str) -> int:
+    from datetime import datetime, timezone
+
+    from ..errors import ConfigError
+
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    if text and text[-1] in units and text[:-1].replace(".", "", 1).isdigit():
+        return int((time.time() - float(text[:-1]) * units[text[-1]]) * 1000)
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise ConfigError(f"--since {text!r}: expected e.g. 30m, 2h, 1d or an ISO time") from exc
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return int(when.timestamp() * 1000)
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    """``cai aws logs``."""
+    from ..backends.aws import client as aws
+    from ..backends.aws.logs import cost_table, fetch_report_events, parse_reports
+    from ..errors import ConfigError
+
+    group = args.function if args.function.startswith("/") else f"/aws/lambda/{args.function}"
+    arch = args.arch or _function_arch(args) or "x86_64"
+    logs = aws.client("logs", args.endpoint, args.region)
+    try:
+        reports = parse_reports(fetch_report_events(logs, group, _since_ms(args.since)))
+    except logs.exceptions.ResourceNotFoundException as exc:
+        raise ConfigError(f"--function {args.function}: log group {group} not found") from exc
+    table = cost_table(reports, arch, args.memory)
+    if args.json:
+        print(json.dumps(table, indent=1))
+        return 0
+    if not reports:
+        print(f"no REPORT lines in {group} since {args.since}")
+        return 0
+    print(f"{'request id':<38} {'duration ms':>12} {'billed ms':>10} {'memory MB':>9} {'max used MB':>11} "
+          f"{'init ms':>9} {'cost USD':>12}")
+    for row in table["invocations"]:
+        init = f"{row['init_ms']:.1f}" if row["init_ms"] is not None else "-"
+        print(f"{row['request_id']:<38} {row['duration_ms']:>12.1f} {row['billed_ms']:>10.0f} {row['memory_mb']:>9} "
+              f"{row['max_memory_mb']:>11} {init:>9} {row['cost_usd']:>12.8f}")
+    t = table["total"]
+    print(f"{t['invocations']} invocation(s), {t['cold_starts']} cold start(s), {t['billed_seconds']:.3f} billed s, "
+          f"peak {t['max_memory_used_mb']} MB used, total ${t['cost_usd']:.6f} ({arch})")
+    return 0
+
+
+def _function_arch(args: argparse.Namespace) -> str | None:
+    """The function's architecture from Lambda, or None when it cannot be read (e.g. no such function)."""
+    if args.function.startswith("/"):
+        return None
+    from ..backends.aws import client as aws
+
+    try:
+        conf = aws.client("lambda", args.endpoint, args.region).get_function_configuration(FunctionName=args.function)
+        return (conf.get("Architectures") or [None])[0]
+    except Exception:  # noqa: BLE001 - the price table then defaults to x86_64 (or --arch)
+        return None
