@@ -1,0 +1,129 @@
+"""``cai run`` (plan -> infer -> summarize on the local or Dask backend) and ``cai demo``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Any
+
+DEMO_SEED = 2024
+
+
+def register(subparsers: Any) -> None:
+    """Add ``run`` and ``demo``."""
+    p = subparsers.add_parser("run", help="run inference over a dataset: plan -> infer -> summarize",
+                              description="Run a model over a dataset on this machine (local process pool) or a "
+                              "Dask cluster. CONFIG may be a native JSON/YAML run config or the original CAI "
+                              "payload (demo input.json); options override it. A rerun with the same config "
+                              "resumes: only ranks without a record run again.")
+    p.add_argument("config", nargs="?", help="run config file or URL (native or original CAI payload)")
+    p.add_argument("--data", help="dataset URL (folder of partitions, local path or s3://)")
+    p.add_argument("--result", help="result URL for plan.json, ranks/, predictions/ and the summary")
+    p.add_argument("--model", help="model name (default astromae-demo)")
+    p.add_argument("--weights", help="weights URL (safetensors) for the model")
+    p.add_argument("--batch-size", type=int, dest="batch_size")
+    p.add_argument("--file-limit", type=int, dest="file_limit", help="use only the first N partitions")
+    p.add_argument("--world-size", type=int, dest="world_size", help="number of ranks (default: one per partition)")
+    p.add_argument("--mode", choices=("exact", "fast"))
+    p.add_argument("--device", help="cpu, cuda, cuda:N (default cpu)")
+    p.add_argument("--workers", type=int, help="local worker processes (default: the cores)")
+    p.add_argument("--threads", type=int, help="torch threads per worker (default: cores // workers)")
+    p.add_argument("--backend", choices=("local", "dask"))
+    p.add_argument("--scheduler", help="Dask scheduler address (with --backend dask)")
+    p.add_argument("--endpoint", help="S3 endpoint URL (sets CAI_S3_ENDPOINT)")
+    p.add_argument("--bucket-root", dest="bucket_root",
+                   help="map a CAI payload's s3://BUCKET/... onto DIR/BUCKET/... (testing without S3)")
+    p.add_argument("--allow-failures", action="store_true", default=None, dest="allow_failures",
+                   help="exit 0 and summarize what finished even when ranks failed")
+    p.add_argument("--overwrite", action="store_true", default=None,
+                   help="replace the outputs of a different run under --result")
+    p.add_argument("--drop-nonfinite", action="store_true", default=None, dest="drop_nonfinite",
+                   help="keep rows with NaN/inf inputs as flagged rows with a NaN prediction instead of failing")
+    p.add_argument("--no-prefetch", action="store_false", default=None, dest="prefetch",
+                   help="fetch partitions one after another instead of overlapping fetch and compute")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_run)
+
+    d = subparsers.add_parser("demo", help="synthesise ~10,000 galaxies and run the demo model on them",
+                              description="Synthesise SDSS-like galaxies, split them into native partitions "
+                              "with a manifest, run the demo model over them locally and print the report.")
+    d.add_argument("--galaxies", type=int, default=10_000)
+    d.add_argument("--out", default="cai-demo", help="output folder (default ./cai-demo)")
+    d.add_argument("--partition-size", default="25MB", dest="partition_size", help="e.g. 25MB, 500KB")
+    d.add_argument("--workers", type=int, help="local worker processes (default: the cores)")
+    d.add_argument("--threads", type=int, help="torch threads per worker")
+    d.add_argument("--model", default="astromae-demo")
+    d.add_argument("--batch-size", type=int, default=256, dest="batch_size")
+    d.add_argument("--seed", type=int, default=DEMO_SEED)
+    d.add_argument("--quiet", action="store_true", help="no progress bar")
+    d.set_defaults(func=cmd_demo)
+
+
+def _run_and_report(config: Any, quiet: bool) -> int:
+    from ..pipeline.run import run
+    from ..pipeline.summarize import IncompleteRunError
+
+    try:
+        run(config, progress=not quiet, report=True)
+    except IncompleteRunError as exc:
+        print(f"cai: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """``cai run``."""
+    from ..config import load_config
+
+    if args.endpoint:
+        os.environ["CAI_S3_ENDPOINT"] = args.endpoint
+    keys = ("data", "result", "model", "weights", "batch_size", "file_limit", "world_size", "mode", "device",
+            "workers", "threads", "backend", "scheduler", "endpoint", "allow_failures", "overwrite",
+            "drop_nonfinite", "prefetch", "bucket_root")
+    config, unused = load_config(args.config, **{k: getattr(args, k) for k in keys})
+    if unused:
+        print(f"cai: note: {args.config}: not used by cosmicai: {', '.join(unused)}", file=sys.stderr)
+    return _run_and_report(config, args.quiet)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """``cai demo``: synthesise, split, run, report."""
+    from ..config import RunConfig
+    from ..data.formats import read_manifest
+    from ..data.split import rows_per_partition
+    from ..errors import ConfigError
+
+    if args.galaxies < 1:
+        raise ConfigError(f"--galaxies must be >= 1, got {args.galaxies}")
+    rows_per_part = rows_per_partition(args.partition_size)
+    out = os.path.abspath(args.out)
+    data_url, result_url = os.path.join(out, "data"), os.path.join(out, "results")
+    desc = f"cai demo: {args.galaxies} galaxies, seed {args.seed}, {rows_per_part} rows/partition"
+    manifest = read_manifest(data_url) if os.path.exists(os.path.join(data_url, "manifest.json")) else None
+    if manifest is not None and manifest.description == desc:
+        print(f"cai demo: reusing {manifest.total_rows} galaxies in {data_url}", file=sys.stderr)
+    else:
+        from ..data.convert import Chunk
+        from ..data.split import write_dataset
+        from ..data.synth import iter_synthesize
+
+        if manifest is not None:
+            import shutil
+
+            shutil.rmtree(data_url)
+        print(f"cai demo: synthesising {args.galaxies} galaxies ...", file=sys.stderr)
+        t0 = time.perf_counter()
+        chunks = (Chunk("synth", int(p.object_id[0]), p, True)
+                  for p in iter_synthesize(args.galaxies, seed=args.seed, chunk=rows_per_part, workers=args.workers))
+        manifest = write_dataset(chunks, data_url, rows_per_part, progress=not args.quiet,
+                                 total_rows=args.galaxies, description=desc).manifest
+        print(f"cai demo: wrote {len(manifest.partitions)} partitions ({manifest.total_bytes / 1e6:.1f} MB) to "
+              f"{data_url} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    config = RunConfig(data=data_url, result=result_url, model=args.model, batch_size=args.batch_size,
+                       workers=args.workers, threads=args.threads, overwrite=True)
+    rc = _run_and_report(config, args.quiet)
+    print(f"cai demo: dataset {data_url}\ncai demo: results {result_url} (predictions.parquet, summary.json, "
+          f"combined_data.json, ranks/)")
+    return rc

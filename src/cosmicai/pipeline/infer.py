@@ -1,0 +1,272 @@
+"""Stage 2, infer: one task = one rank. :func:`run_task` is the worker entry point of every backend.
+
+The model is loaded once per process and reused by later tasks; the next partition is fetched (and checked and
+decoded) in a background thread while the current one is predicted. Outputs are written atomically:
+``predictions/<rank>.parquet`` first, then the record ``ranks/<rank>.json`` LAST, so a record means the rank
+is complete. On failure ``errors/<rank>.json`` is written and the exception re-raised.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import socket
+import time
+import traceback
+from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+
+from .. import storage
+from ..data.formats import INPUT_BITS_PER_SAMPLE, Partition, sha256_hex
+from ..errors import CaiError, ConfigError, DataError
+from .plan import Plan, load_plan
+from .records import ORIGINAL_KEYS, error_url, predictions_url, record_url
+
+_MODELS: dict[tuple, Any] = {}
+_WORKER_THREADS: int | None = None
+
+
+def configure_worker(threads: int | None) -> None:
+    """Set this process's torch threads (backend worker initializers call this once)."""
+    global _WORKER_THREADS
+    _WORKER_THREADS = threads
+    if threads:
+        import torch
+
+        torch.set_num_threads(int(threads))
+
+
+def worker_threads() -> int | None:
+    """The torch threads set by :func:`configure_worker` (None: the model loader's default)."""
+    return _WORKER_THREADS
+
+
+def get_model(model: str, weights: str | None, device: str, mode: str) -> tuple[Any, bool, float]:
+    """The cached predictor for this process: (predictor, loaded_now, load seconds)."""
+    key = (model, weights, device, mode, _WORKER_THREADS)
+    if key in _MODELS:
+        return _MODELS[key], False, 0.0
+    from ..models.registry import load_model
+
+    t0 = time.perf_counter()
+    predictor = load_model(model, weights=weights, device=device, mode=mode, threads=_WORKER_THREADS)
+    _MODELS[key] = predictor
+    return predictor, True, time.perf_counter() - t0
+
+
+def clear_model_cache() -> None:
+    """Forget cached models (tests; frees memory)."""
+    _MODELS.clear()
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1e6 if platform.system() == "Darwin" else peak * 1024 / 1e6
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _fetch(part: dict[str, Any], allow_nonfinite: bool) -> tuple[Partition, float, float]:
+    """Read, verify and decode one partition: (partition, fetch seconds, decode seconds)."""
+    from ..data.partition import decode
+
+    t0 = time.perf_counter()
+    data = storage.read_bytes(part["url"])
+    t1 = time.perf_counter()
+    if part.get("bytes") is not None and len(data) != part["bytes"]:
+        raise DataError(f"{part['url']}: size is {len(data)} bytes but the plan lists {part['bytes']} "
+                        f"(partition changed or truncated since planning)")
+    if part.get("sha256") and sha256_hex(data) != part["sha256"]:
+        raise DataError(f"{part['url']}: sha256 does not match the manifest (corrupt or changed partition)")
+    decoded = decode(data, part["name"], allow_nonfinite=allow_nonfinite)
+    if part.get("rows") is not None and len(decoded) != part["rows"]:
+        raise DataError(f"{part['url']}: holds {len(decoded)} rows but the manifest lists {part['rows']}")
+    return decoded, t1 - t0, time.perf_counter() - t1
+
+
+def _stored_record(plan: Plan, rank: int) -> dict[str, Any] | None:
+    url = record_url(plan.result_url, rank)
+    if not storage.exists(url):
+        return None
+    try:
+        record = storage.read_json(url)
+    except CaiError:
+        return None
+    if record.get("plan_hash") != plan.plan_hash or not storage.exists(predictions_url(plan.result_url, rank)):
+        return None
+    return record
+
+
+def done_ranks(plan: Plan) -> set[int]:
+    """Ranks whose record (for this plan hash) and predictions exist: one listing per folder, not per rank."""
+    from .records import PREDICTIONS_DIR, RANKS_DIR, rank_of
+
+    have_pred = {rank_of(u) for u in storage.list_files(storage.join(plan.result_url, PREDICTIONS_DIR), ".parquet")}
+    done = set()
+    for url in storage.list_files(storage.join(plan.result_url, RANKS_DIR), ".json"):
+        rank = rank_of(url)
+        if rank is None or rank not in have_pred or rank not in plan.tasks:
+            continue
+        try:
+            record = storage.read_json(url)
+        except CaiError:
+            continue
+        if isinstance(record, dict) and record.get("plan_hash") == plan.plan_hash:
+            done.add(rank)
+    return done
+
+
+def run_task(result_url: str, rank: int) -> dict[str, Any]:
+    """Run one rank of the plan under ``result_url`` and return its record (the stored one if already done)."""
+    rank = int(rank)
+    plan = load_plan(result_url)
+    done = _stored_record(plan, rank)
+    if done is not None:
+        return done
+    parts = plan.tasks.get(rank)
+    if not parts:
+        raise ConfigError(f"rank {rank} has no partitions in the plan at {result_url} (ranks: {plan.ranks})")
+    started = _now()
+    try:
+        return _run(plan, rank, parts, started)
+    except BaseException as exc:
+        if not isinstance(exc, KeyboardInterrupt):
+            _write_error(plan, rank, parts, exc, started)
+        raise
+
+
+def _write_error(plan: Plan, rank: int, parts: list[dict], exc: BaseException, started: str) -> None:
+    tail = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))[-4000:]
+    info = {"rank": rank, "partitions": [p["name"] for p in parts], "error_type": type(exc).__name__,
+            "message": str(exc), "traceback": tail, "plan_hash": plan.plan_hash, "host": socket.gethostname(),
+            "pid": os.getpid(), "started_at": started, "failed_at": _now()}
+    try:
+        storage.write_json(error_url(plan.result_url, rank), info)
+    except CaiError:
+        pass  # the original exception matters more than a failed error report
+
+
+def _run(plan: Plan, rank: int, parts: list[dict[str, Any]], started: str) -> dict[str, Any]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    cfg = plan.config
+    wall0 = time.perf_counter()
+    batch_size = int(cfg["batch_size"])
+    allow_nonfinite = bool(cfg.get("drop_nonfinite"))
+    prefetch = bool(plan.options.get("prefetch", True))
+    phases = dict.fromkeys(("fetch", "decode", "model_load", "inference", "write", "wait"), 0.0)
+
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"cai-fetch-{rank}")
+    try:
+        pending: Future = pool.submit(_fetch, parts[0], allow_nonfinite)
+        predictor, cold, load_s = get_model(cfg["model"], cfg.get("weights"), cfg["device"], cfg["mode"])
+        phases["model_load"] = load_s
+        columns: dict[str, list[np.ndarray]] = {"object_id": [], "partition": [], "row": [], "z_pred": [],
+                                                "z_true": [], "flag": []}
+        rows_per_part: dict[str, int] = {}
+        num_batches = 0
+        has_z = True
+        for i, part in enumerate(parts):
+            t0 = time.perf_counter()
+            data, fetch_s, decode_s = pending.result()
+            phases["wait"] += time.perf_counter() - t0
+            phases["fetch"] += fetch_s
+            phases["decode"] += decode_s
+            if prefetch and i + 1 < len(parts):
+                pending = pool.submit(_fetch, parts[i + 1], allow_nonfinite)
+            n = len(data)
+            t0 = time.perf_counter()
+            z = predictor.predict(data.images, data.magnitudes, batch_size=batch_size) if n else np.zeros(0, np.float32)
+            phases["inference"] += time.perf_counter() - t0
+            if not prefetch and i + 1 < len(parts):
+                pending = pool.submit(_fetch, parts[i + 1], allow_nonfinite)
+            z = np.asarray(z, dtype=np.float32)
+            if z.shape != (n,):
+                raise DataError(f"{part['name']}: the model returned shape {z.shape} for {n} rows")
+            flag = data.nonfinite_rows() if allow_nonfinite else np.zeros(n, dtype=bool)
+            z = np.where(flag, np.float32(np.nan), z)
+            num_batches += math.ceil(n / batch_size)
+            rows_per_part[part["name"]] = n
+            columns["object_id"].append(np.asarray(data.object_id, dtype=np.int64))
+            columns["partition"].append(np.full(n, part["name"], dtype=object))
+            columns["row"].append(np.arange(n, dtype=np.int32))
+            columns["z_pred"].append(z)
+            columns["flag"].append(flag)
+            if data.redshift is None:
+                has_z = False
+            else:
+                columns["z_true"].append(np.asarray(data.redshift, dtype=np.float32))
+            del data
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+    t0 = time.perf_counter()
+    table = {"object_id": pa.array(np.concatenate(columns["object_id"]), pa.int64()),
+             "partition": pa.array(np.concatenate(columns["partition"]), pa.string()).dictionary_encode(),
+             "row": pa.array(np.concatenate(columns["row"]), pa.int32()),
+             "z_pred": pa.array(np.concatenate(columns["z_pred"]), pa.float32())}
+    if has_z:
+        table["z_true"] = pa.array(np.concatenate(columns["z_true"]), pa.float32())
+    table["flag"] = pa.array(np.concatenate(columns["flag"]), pa.bool_())
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.table(table), sink)
+    storage.write_bytes(predictions_url(plan.result_url, rank), sink.getvalue().to_pybytes())
+    phases["write"] = time.perf_counter() - t0
+
+    rows = sum(rows_per_part.values())
+    wall = time.perf_counter() - wall0
+    import torch
+
+    prefix = storage.basename(plan.data_url)
+    record: dict[str, Any] = {
+        "total_cpu_time (seconds)": wall,
+        "total_cpu_memory (MB)": _peak_rss_mb(),
+        "execution_time (seconds/batch)": phases["inference"] / num_batches if num_batches else 0.0,
+        "num_batches": num_batches,
+        "batch_size": batch_size,
+        "device": cfg["device"],
+        "throughput_bps": rows * INPUT_BITS_PER_SAMPLE / wall if wall > 0 else 0.0,
+        "sample_persec": rows / wall if wall > 0 else 0.0,
+        "result_path": plan.result_url,
+        "data_path": ",".join(f"{prefix}/{p['name']}" for p in parts),
+        "rank": rank,
+        "rows": rows,
+        "partitions": [p["name"] for p in parts],
+        "partition_rows": rows_per_part,
+        "nonfinite_rows": int(sum(int(f.sum()) for f in columns["flag"])),
+        "phases": phases,
+        "peak_rss_mb": _peak_rss_mb(),
+        "cold_start": cold,
+        "cpu": {"host": socket.gethostname(), "pid": os.getpid(), "cpu_model": _cpu_model(),
+                "cores": os.cpu_count(), "torch_threads": torch.get_num_threads()},
+        "model": cfg["model"],
+        "mode": cfg["mode"],
+        "plan_hash": plan.plan_hash,
+        "started_at": started,
+        "finished_at": _now(),
+        "error": None,
+    }
+    assert list(record)[:len(ORIGINAL_KEYS)] == list(ORIGINAL_KEYS)
+    storage.write_json(record_url(plan.result_url, rank), record)
+    storage.remove(error_url(plan.result_url, rank))
+    return record

@@ -1,0 +1,143 @@
+"""A whole run on one backend: plan -> backend.map(run_task) over the ranks not yet done -> summarize."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Any
+
+from .. import storage
+from ..config import RunConfig
+from .infer import done_ranks, run_task
+from .plan import make_plan
+from .records import RUN_NAME
+from .summarize import IncompleteRunError, incomplete_message, summarize
+
+
+def _make_backend(config: RunConfig) -> Any:
+    from ..backends.base import get_backend
+
+    options = dict(config.backend_options)
+    options.setdefault("workers", config.workers)
+    options.setdefault("threads", config.threads)
+    if config.backend != "local":
+        options.setdefault("scheduler", config.scheduler)
+        options.setdefault("device", config.device)
+    return get_backend(config.backend, **options)
+
+
+def run(config: RunConfig, backend: Any = None, progress: bool = True, report: bool | None = None) -> dict[str, Any]:
+    """Plan, run the missing ranks on ``backend`` (default: from ``config.backend``) and summarize.
+
+    Returns the summary (with ``stages`` and ``failures``); prints the report when ``report`` (default: same as
+    ``progress``). Raises IncompleteRunError when ranks failed, unless ``config.allow_failures``.
+    """
+    if config.endpoint:
+        os.environ["CAI_S3_ENDPOINT"] = config.endpoint
+    t0 = time.perf_counter()
+    plan = make_plan(config)
+    plan_s = time.perf_counter() - t0
+    done = done_ranks(plan)
+    todo = [t for t in plan.task_list() if t["rank"] not in done]
+    resumed = len(plan.ranks) - len(todo)
+
+    owned = backend is None
+    t1 = time.perf_counter()
+    failures: dict[int, BaseException] = {}
+    ran: list[int] = []
+    parts_done = 0
+    parts_todo = sum(len(plan.tasks[t["rank"]]) for t in todo)
+    if todo:
+        backend = backend or _make_backend(config)
+        bar = _progress_bar(plan, todo) if progress else None
+        try:
+            for task, result in backend.map(run_task, todo):
+                if isinstance(result, BaseException):
+                    failures[task["rank"]] = result
+                else:
+                    ran.append(task["rank"])
+                if bar is not None:
+                    rows = result.get("rows", 0) if isinstance(result, dict) else 0
+                    parts_done += len(plan.tasks[task["rank"]])
+                    bar.update(rows)
+                    bar.set_postfix_str(f"partitions {parts_done}/{parts_todo}, ranks {len(ran) + len(failures)}/"
+                                        f"{len(todo)}, failed {len(failures)}")
+        finally:
+            if bar is not None:
+                bar.close()
+            if owned:
+                backend.close()
+    map_s = time.perf_counter() - t1
+    run_info = {"plan_hash": plan.plan_hash, "backend": getattr(backend, "name", config.backend),
+                "ranks_run": sorted(ran), "ranks_resumed": resumed, "ranks_failed": sorted(failures),
+                "stages": {"plan_s": plan_s, "map_s": map_s if ran else None}}
+    storage.write_json(storage.join(config.result, RUN_NAME), run_info)
+    t2 = time.perf_counter()
+    summary = summarize(config.result, allow_failures=True)
+    summary["stages"] = {**run_info["stages"], "summarize_s": time.perf_counter() - t2}
+    summary["ranks_run"], summary["ranks_resumed"] = len(ran), resumed
+    reported = {f["rank"] for f in summary["failures"]}
+    for rank, exc in sorted(failures.items()):
+        if rank not in reported:  # the worker died before it could write errors/<rank>.json
+            summary["failures"].append({"rank": rank, "partitions": [p["name"] for p in plan.tasks[rank]],
+                                        "error_type": type(exc).__name__, "message": str(exc) or repr(exc)})
+    if (report if report is not None else progress):
+        print(format_report(summary))
+    if not summary["completeness"]["complete"] and not config.allow_failures:
+        raise IncompleteRunError(incomplete_message(summary))
+    return summary
+
+
+def _progress_bar(plan: Any, todo: list[dict]) -> Any:
+    from tqdm import tqdm
+
+    ranks = {t["rank"] for t in todo}
+    rows = [p.get("rows") for r in ranks for p in plan.tasks[r]]
+    total = None if any(r is None for r in rows) else sum(rows)
+    return tqdm(total=total, unit="rows", desc=f"infer {len(plan.partitions)} partitions",
+                file=sys.stderr, dynamic_ncols=True)
+
+
+def _fmt(value: Any, spec: str = ".3g", unit: str = "") -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:{spec}}{unit}"
+
+
+def format_report(summary: dict[str, Any]) -> str:
+    """The human report of a summary: stages, phases, throughput, workers, memory, metrics, completeness."""
+    comp = summary.get("completeness", {})
+    st = summary.get("stages") or {}
+    lines = [f"run {summary.get('result_url')}  (model {summary.get('model')}, mode {summary.get('mode')}, "
+             f"batch {summary.get('batch_size')}, {comp.get('ranks_planned')} ranks)",
+             f"  complete: {comp.get('complete')}  ranks {comp.get('ranks_done')}/{comp.get('ranks_planned')}  "
+             f"partitions {comp.get('partitions_done')}/{comp.get('partitions_planned')}  "
+             f"rows in {comp.get('rows_in')} / out {comp.get('rows_out')}"]
+    if comp.get("missing_ranks"):
+        lines.append(f"  missing ranks: {comp['missing_ranks']}")
+    for f in summary.get("failures", []):
+        lines.append(f"  FAILED rank {f['rank']} {f['partitions']}: {f['error_type']}: {f['message']}")
+    for p in comp.get("problems", []):
+        lines.append(f"  problem: {p}")
+    lines.append("  stages (wall s): plan " + _fmt(st.get("plan_s"), ".2f") + ", map " + _fmt(st.get("map_s"), ".2f")
+                 + ", summarize " + _fmt(st.get("summarize_s"), ".2f")
+                 + (f"  [{summary.get('ranks_resumed')} rank(s) resumed]" if summary.get("ranks_resumed") else ""))
+    ph = summary.get("phases_total_s") or {}
+    lines.append("  phases (s, summed over ranks): " + ", ".join(f"{k} {v:.2f}" for k, v in ph.items()))
+    lines.append(f"  throughput: {_fmt(summary.get('samples_per_s'), '.1f')} samples/s, "
+                 f"{_fmt((summary.get('throughput_bps') or 0) / 1e6, '.2f')} Mbit/s over a map stage of "
+                 f"{_fmt(summary.get('map_wall_s'), '.2f')} s ({summary.get('map_wall_source')})")
+    for name, w in (summary.get("workers") or {}).items():
+        lines.append(f"  worker {name}: {w['tasks']} task(s), {w['rows']} rows, "
+                     f"{_fmt(w.get('samples_per_s'), '.1f')} samples/s")
+    lines.append(f"  peak memory: {_fmt(summary.get('peak_rss_mb'), '.0f')} MB RSS per worker (max); "
+                 f"cold starts {summary.get('cold_starts')}")
+    m = summary.get("metrics")
+    if m:
+        lines.append(f"  metrics (n={m['n']}, excluded {m['n_excluded']}): MAE {_fmt(m['MAE'], '.4f')}  "
+                     f"MSE {_fmt(m['MSE'], '.5f')}  Bias {_fmt(m['Bias'], '.4f')}  "
+                     f"Precision {_fmt(m['Precision'], '.4f')}  R2 {_fmt(m['R2'], '.4f')}  "
+                     f"outliers {_fmt(m['outlier_fraction'], '.3f')}")
+    lines.append(f"  outputs: {summary.get('result_url')}/{{predictions.parquet,summary.json,combined_data.json}}")
+    return "\n".join(lines)
