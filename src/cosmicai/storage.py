@@ -103,7 +103,10 @@ def exists(url: str) -> bool:
         fs.invalidate_cache(path)
     except Exception:  # noqa: BLE001 - not every filesystem caches
         pass
-    return fs.exists(path)
+    try:
+        return fs.exists(path)
+    except _REMOTE_ERRORS as exc:
+        raise StorageError(f"{url}: cannot check existence ({exc})") from exc
 
 
 def read_bytes(url: str) -> bytes:
@@ -231,6 +234,8 @@ def remove(url: str, recursive: bool = False) -> None:
         fs.rm(path, recursive=recursive)
     except FileNotFoundError:
         pass
+    except _REMOTE_ERRORS as exc:
+        raise StorageError(f"{url}: cannot remove ({exc})") from exc
 
 
 def unique_suffix() -> str:
