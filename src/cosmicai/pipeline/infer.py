@@ -111,26 +111,34 @@ def _stored_record(plan: Plan, rank: int) -> dict[str, Any] | None:
         record = storage.read_json(url)
     except CaiError:
         return None
-    if record.get("plan_hash") != plan.plan_hash or not storage.exists(predictions_url(plan.result_url, rank)):
+    if record.get("plan_hash") != plan.plan_hash or not _predictions_intact(
+            record, storage.size(predictions_url(plan.result_url, rank))):
         return None
     return record
+
+
+def _predictions_intact(record: dict[str, Any], size: int | None) -> bool:
+    """True when the rank's predictions file exists with the size its record wrote (catches damaged copies)."""
+    return size is not None and record.get("predictions_bytes", size) == size
 
 
 def done_ranks(plan: Plan) -> set[int]:
     """Ranks whose record (for this plan hash) and predictions exist: one listing per folder, not per rank."""
     from .records import PREDICTIONS_DIR, RANKS_DIR, rank_of
 
-    have_pred = {rank_of(u) for u in storage.list_files(storage.join(plan.result_url, PREDICTIONS_DIR), ".parquet")}
+    pred_size = {rank_of(u): n for u, n in
+                 storage.list_files_with_sizes(storage.join(plan.result_url, PREDICTIONS_DIR), ".parquet")}
     done = set()
     for url in storage.list_files(storage.join(plan.result_url, RANKS_DIR), ".json"):
         rank = rank_of(url)
-        if rank is None or rank not in have_pred or rank not in plan.tasks:
+        if rank is None or rank not in pred_size or rank not in plan.tasks:
             continue
         try:
             record = storage.read_json(url)
         except CaiError:
             continue
-        if isinstance(record, dict) and record.get("plan_hash") == plan.plan_hash:
+        if (isinstance(record, dict) and record.get("plan_hash") == plan.plan_hash
+                and _predictions_intact(record, pred_size[rank])):
             done.add(rank)
     return done
 
@@ -230,7 +238,8 @@ def _run(plan: Plan, rank: int, parts: list[dict[str, Any]], started: str) -> di
     table["flag"] = pa.array(np.concatenate(columns["flag"]), pa.bool_())
     sink = pa.BufferOutputStream()
     pq.write_table(pa.table(table), sink)
-    storage.write_bytes(predictions_url(plan.result_url, rank), sink.getvalue().to_pybytes())
+    pred_bytes = sink.getvalue().to_pybytes()
+    storage.write_bytes(predictions_url(plan.result_url, rank), pred_bytes)
     phases["write"] = time.perf_counter() - t0
 
     rows = sum(rows_per_part.values())
@@ -262,6 +271,7 @@ def _run(plan: Plan, rank: int, parts: list[dict[str, Any]], started: str) -> di
         "model": cfg["model"],
         "mode": cfg["mode"],
         "plan_hash": plan.plan_hash,
+        "predictions_bytes": len(pred_bytes),
         "started_at": started,
         "finished_at": _now(),
         "error": None,

@@ -92,9 +92,16 @@ def summarize(result_url: str, allow_failures: bool = False) -> dict[str, Any]:
     tables, problems = [], []
     rows_in = rows_out = 0
     part_done: dict[str, int] = {}
+    unreadable: list[int] = []
     for rank in sorted(records):
         rec = records[rank]
-        table = pq.read_table(_pq_source(predictions_url(result_url, rank)))
+        try:
+            table = pq.read_table(_pq_source(predictions_url(result_url, rank)))
+        except (pa.ArrowException, OSError, CaiError) as exc:
+            problems.append(f"rank {rank}: {predictions_url(result_url, rank)} is unreadable ({exc}); "
+                            f"a rerun redoes this rank")
+            unreadable.append(rank)
+            continue
         names = [p["name"] for p in plan.tasks[rank]]
         if rec.get("partitions") != names:
             problems.append(f"rank {rank} processed {rec.get('partitions')} but the plan assigns {names}")
@@ -108,6 +115,9 @@ def summarize(result_url: str, allow_failures: bool = False) -> dict[str, Any]:
             part_done[p["name"]] = part_done.get(p["name"], 0) + 1
         rows_out += table.num_rows
         tables.append(table)
+    for rank in unreadable:
+        del records[rank]
+    missing = sorted(missing + unreadable)
     combined = _combine(tables) if tables else None
 
     planned_rows = plan.total_rows
