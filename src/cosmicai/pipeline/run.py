@@ -11,7 +11,7 @@ from .. import storage
 from ..config import RunConfig
 from .infer import done_ranks, run_task
 from .plan import make_plan
-from .records import RUN_NAME
+from .records import RUN_NAME, SUMMARY_NAME
 from .summarize import IncompleteRunError, incomplete_message, summarize
 
 
@@ -33,8 +33,21 @@ def run(config: RunConfig, backend: Any = None, progress: bool = True, report: b
     Returns the summary (with ``stages`` and ``failures``); prints the report when ``report`` (default: same as
     ``progress``). Raises IncompleteRunError when ranks failed, unless ``config.allow_failures``.
     """
-    if config.endpoint:
-        os.environ["CAI_S3_ENDPOINT"] = config.endpoint
+    if not config.endpoint:
+        return _run(config, backend, progress, report)
+    # Workers (spawned processes included) read the endpoint from the environment; restore it afterwards.
+    before = os.environ.get("CAI_S3_ENDPOINT")
+    os.environ["CAI_S3_ENDPOINT"] = config.endpoint
+    try:
+        return _run(config, backend, progress, report)
+    finally:
+        if before is None:
+            os.environ.pop("CAI_S3_ENDPOINT", None)
+        else:
+            os.environ["CAI_S3_ENDPOINT"] = before
+
+
+def _run(config: RunConfig, backend: Any, progress: bool, report: bool | None) -> dict[str, Any]:
     t0 = time.perf_counter()
     plan = make_plan(config)
     plan_s = time.perf_counter() - t0
@@ -75,7 +88,11 @@ def run(config: RunConfig, backend: Any = None, progress: bool = True, report: b
     storage.write_json(storage.join(config.result, RUN_NAME), run_info)
     t2 = time.perf_counter()
     summary = summarize(config.result, allow_failures=True)
-    summary["stages"] = {**run_info["stages"], "summarize_s": time.perf_counter() - t2}
+    run_info["stages"]["summarize_s"] = time.perf_counter() - t2
+    summary["stages"] = dict(run_info["stages"])
+    # Record the summarize stage too, so summary.json (and any later `summarize`) carries all three stages.
+    storage.write_json(storage.join(config.result, RUN_NAME), run_info)
+    storage.write_json(storage.join(config.result, SUMMARY_NAME), summary)
     summary["ranks_run"], summary["ranks_resumed"] = len(ran), resumed
     reported = {f["rank"] for f in summary["failures"]}
     for rank, exc in sorted(failures.items()):
