@@ -14,6 +14,7 @@ import math
 import re
 from typing import Any, Iterable, Sequence
 
+from .. import sizes
 from ..errors import ConfigError, DataError
 
 #: Per-architecture list prices (USD): per GB-second of compute, per request, per GB-second of
@@ -26,8 +27,6 @@ FREE_EPHEMERAL_MB = 512
 #: Lambda's configurable memory range (MB) - the original CAI state machine ran at the maximum, 10,240 MB.
 MIN_MEMORY_MB, MAX_MEMORY_MB = 128, 10_240
 
-_UNITS = {"b": 1, "kb": 1024, "k": 1024, "mb": 1024**2, "m": 1024**2, "gb": 1024**3, "g": 1024**3,
-          "tb": 1024**4, "t": 1024**4, "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4}
 
 
 def price_table(arch: str = "x86_64", prices: dict[str, float] | None = None) -> dict[str, float]:
@@ -92,18 +91,7 @@ def lambda_cost(requests: int, billed_seconds_each: float | Sequence[float], mem
 
 def parse_size(text: str | float | int, default_unit: str = "mb") -> int:
     """Bytes in a size such as ``12.6GB``, ``25MB`` or ``2800`` (``default_unit``); binary units (1 GB = 1024 MB)."""
-    if isinstance(text, (int, float)) and not isinstance(text, bool):
-        value, unit = float(text), default_unit
-    else:
-        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][-+]?\d+)?)\s*([a-zA-Z]*)\s*", str(text))
-        if not m:
-            raise ConfigError(f"size {text!r}: expected a number with an optional unit such as 25MB or 12.6GB")
-        value, unit = float(m.group(1)), (m.group(2) or default_unit).lower()
-    if unit not in _UNITS:
-        raise ConfigError(f"size {text!r}: unknown unit {unit!r}; use B, KB, MB, GB or TB")
-    if value <= 0:
-        raise ConfigError(f"size {text!r}: must be positive")
-    return int(round(value * _UNITS[unit]))
+    return sizes.parse_size(text, default_unit)
 
 
 def what_if(data_size: str | int, partition_size: str | int, memory_mb: float, seconds_per_partition: float,

@@ -53,8 +53,10 @@ def read_legacy_pt(data: bytes, source: str = "partition.pt", allow_nonfinite: b
         raise DataError(f"{source}: empty file - not a CAI .pt partition")
     _scan_globals(data, source)
     try:
-        with torch.serialization.safe_globals([TensorDataset]):
-            obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        # add_safe_globals, not the safe_globals context manager: the context manager edits a process-wide list
+        # on entry and exit, so concurrent reads in threads would see TensorDataset vanish mid-load.
+        torch.serialization.add_safe_globals([TensorDataset])
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         match = re.search(r"GLOBAL (\S+)", str(exc))
         if match:

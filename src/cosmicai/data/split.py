@@ -20,7 +20,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from .. import storage
+from .. import sizes, storage
 from ..errors import ConfigError, DataError, StorageError
 from .convert import Chunk, open_source
 from .formats import (MANIFEST_NAME, PARTITION_SUFFIX, Manifest, Partition, PartitionEntry, encode_partition,
@@ -29,22 +29,13 @@ from .formats import (MANIFEST_NAME, PARTITION_SUFFIX, Manifest, Partition, Part
 #: Bytes per sample as partition sizes count them. The original's partitions (5,113 rows per 100MB, 1,278 per
 #: 25MB, 2,556 per 50MB, with MB = 2**20) imply 20,505-20,508 bytes; we take 20,508 (see docs/data.md).
 SIZE_SAMPLE_BYTES = 20_508
-UNITS = {"": 1, "B": 1, "KB": 2**10, "KIB": 2**10, "MB": 2**20, "MIB": 2**20, "GB": 2**30, "GIB": 2**30,
-         "TB": 2**40, "TIB": 2**40}
 PARTITION_RE = re.compile(r"^part-(\d+)\.safetensors$")
 WRITE_THREADS = 4
 
 
 def parse_size(text: str | int) -> int:
-    """Bytes in a size such as ``25MB``, ``1.5GB``, ``20508`` (MB = 2**20 bytes, as the original counted)."""
-    if isinstance(text, (int, np.integer)) and not isinstance(text, bool):
-        value, unit = float(text), ""
-    else:
-        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
-        if not match or match.group(2).upper() not in UNITS:
-            raise ConfigError(f"--partition-size: cannot parse {text!r} (examples: 25MB, 100MB, 1.5GB, 20508)")
-        value, unit = float(match.group(1)), match.group(2).upper()
-    return int(value * UNITS[unit])
+    """Bytes in a partition size such as ``25MB``, ``1.5GB``, ``20508`` (MB = 2**20 bytes, as the original counted)."""
+    return sizes.parse_size(text, "b", what="--partition-size")
 
 
 def rows_per_partition(partition_size: str | int) -> int:
