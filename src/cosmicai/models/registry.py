@@ -1,0 +1,223 @@
+"""Model selection by name and the :class:`Predictor` every stage calls.
+
+Names:
+
+* ``astromae-demo`` — the shipped demo weights (``weights/astromae-demo.safetensors``, trained on synthetic
+  galaxies; NOT the paper's SDSS weights), loaded in fp32.
+* ``astromae`` — AstroMAE with your weights: ``weights=`` a URL (any storage URL) of a safetensors file
+  (``cai model import-cai`` makes one from the original checkpoint), a plain ``.pt`` state dict, or the
+  original pickled checkpoint (read with the restricted unpickler).
+* ``astromae-random`` — seeded random initialisation, for tests and benchmarks only (predictions are meaningless).
+* ``package.module:factory`` or a name registered in the ``cosmicai.models`` entry-point group: the factory is
+  called as ``factory(weights=..., device=..., mode=..., threads=...)`` and returns an object with
+  ``predict(images, magnitudes, batch_size)`` or an ``nn.Module`` taking ``(images, magnitudes)``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Callable
+from importlib import resources
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import ModelError
+from .astromae import build_astromae, count_params
+from .fast import MODES, prepare
+from .weights_io import Normalized, as_numpy_f32, load_into
+
+DEMO_NAME = "astromae-demo"
+DEMO_FILE = "astromae-demo.safetensors"
+ENTRY_POINT_GROUP = "cosmicai.models"
+BUILTIN = ("astromae-demo", "astromae", "astromae-random")
+
+
+def demo_weights_path() -> str:
+    """Path of the shipped demo weights file (it may not exist in a fresh checkout)."""
+    return str(resources.files("cosmicai.models").joinpath("weights", DEMO_FILE))
+
+
+class Predictor:
+    """A loaded model: ``predict(images [N,5,32,32], magnitudes [N,5]) -> float32 redshift [N]``.
+
+    Rows whose image or magnitudes contain NaN/inf are not fed to the network: they come back as NaN and
+    their row indices are in ``last_flagged`` (an int64 array, empty when every row was finite).
+    """
+
+    def __init__(self, name: str, module: nn.Module, device: str = "cpu", mode: str = "exact",
+                 compile: bool | None = None):
+        self.name = name
+        self.device = device
+        self.mode = mode
+        self.module = module.eval()
+        self.n_params = count_params(module)
+        self.last_flagged = np.zeros(0, dtype=np.int64)
+        self._torch_device = torch.device(device)
+        self._run = prepare(module, mode, self._torch_device, compile=compile)
+
+    def __repr__(self) -> str:
+        return f"Predictor(name={self.name!r}, device={self.device!r}, mode={self.mode!r}, n_params={self.n_params})"
+
+    def predict(self, images: np.ndarray, magnitudes: np.ndarray, batch_size: int = 512) -> np.ndarray:
+        """Redshifts for raw (un-normalised) inputs, in row order; non-finite rows -> NaN (see ``last_flagged``)."""
+        images, magnitudes = check_inputs(images, magnitudes)
+        if batch_size < 1:
+            raise ModelError(f"batch_size must be >= 1, got {batch_size}")
+        n = images.shape[0]
+        out = np.full(n, np.nan, dtype=np.float32)
+        bad = ~np.isfinite(images.reshape(n, -1)).all(axis=1) | ~np.isfinite(magnitudes).all(axis=1)
+        self.last_flagged = np.flatnonzero(bad).astype(np.int64)
+        rows = np.flatnonzero(~bad) if bad.any() else None
+        with torch.inference_mode():
+            for start in range(0, n if rows is None else rows.size, batch_size):
+                if rows is None:
+                    sel = slice(start, start + batch_size)
+                    img, mag = images[sel], magnitudes[sel]
+                else:
+                    sel = rows[start:start + batch_size]
+                    img, mag = images[sel], magnitudes[sel]
+                x = _tensor(img).to(self._torch_device)
+                m = _tensor(mag).to(self._torch_device)
+                out[sel] = self._run(x, m).float().cpu().numpy()
+        return out
+
+
+def _tensor(arr: np.ndarray) -> torch.Tensor:
+    """Zero-copy tensor of ``arr``; read-only arrays (memory-mapped partitions) are copied instead."""
+    return torch.from_numpy(arr) if arr.flags.writeable else torch.tensor(arr)
+
+
+class _ExternalPredictor(Predictor):
+    """Wraps a plug-in model object that already has ``predict``."""
+
+    def __init__(self, name: str, obj: Any, device: str, mode: str):
+        self.name, self.device, self.mode, self._obj = name, device, mode, obj
+        self.n_params = int(getattr(obj, "n_params", 0))
+        self.last_flagged = np.zeros(0, dtype=np.int64)
+
+    def predict(self, images: np.ndarray, magnitudes: np.ndarray, batch_size: int = 512) -> np.ndarray:
+        images, magnitudes = check_inputs(images, magnitudes)
+        out = np.asarray(self._obj.predict(images, magnitudes, batch_size=batch_size), dtype=np.float32)
+        if out.shape != (images.shape[0],):
+            raise ModelError(f"model '{self.name}' returned shape {out.shape}, expected [{images.shape[0]}]")
+        self.last_flagged = np.asarray(getattr(self._obj, "last_flagged", np.flatnonzero(np.isnan(out))),
+                                       dtype=np.int64)
+        return out
+
+
+def check_inputs(images: Any, magnitudes: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Validate and convert model inputs to float32 arrays; bad shapes raise ModelError naming the field."""
+    images = as_numpy_f32(images, "images")
+    magnitudes = as_numpy_f32(magnitudes, "magnitudes")
+    if images.ndim != 4:
+        raise ModelError(f"'images' has shape {tuple(images.shape)}, expected [N, 5, 32, 32]")
+    if images.shape[1] != 5:
+        raise ModelError(f"'images' has {images.shape[1]} bands (shape {tuple(images.shape)}), expected 5 (ugriz)")
+    if images.shape[2:] != (32, 32):
+        raise ModelError(f"'images' are {images.shape[2]}x{images.shape[3]} pixels, expected 32x32")
+    if magnitudes.shape != (images.shape[0], 5):
+        raise ModelError(f"'magnitudes' has shape {tuple(magnitudes.shape)}, expected [{images.shape[0]}, 5]")
+    return images, magnitudes
+
+
+def resolve_device(device: str) -> str:
+    """Validate ``device``; an unknown or unavailable device raises ModelError naming it."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ModelError(f"device '{device}' is not a valid torch device: {exc}") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelError(f"device '{device}' is not available (torch {torch.__version__} sees no CUDA GPU)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ModelError(f"device '{device}' is not available ({torch.cuda.device_count()} CUDA device(s))")
+    if dev.type not in ("cpu", "cuda"):
+        raise ModelError(f"device '{device}' is not supported (use 'cpu' or 'cuda')")
+    return device
+
+
+def set_threads(threads: int | None) -> int:
+    """Set torch's intra-op threads (default: the CPUs this process may run on); returns the count."""
+    if threads is None:
+        try:
+            threads = len(os.sched_getaffinity(0))
+        except AttributeError:  # not on Linux
+            threads = os.cpu_count() or 1
+    if threads < 1:
+        raise ModelError(f"threads must be >= 1, got {threads}")
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    return threads
+
+
+def astromae_from_weights(data: bytes, source: str) -> Normalized:
+    """AstroMAE loaded (fp32) from safetensors bytes, a plain state dict .pt, or the original checkpoint."""
+    from .convert import state_from_bytes
+
+    state, norm = state_from_bytes(data, source)
+    net = build_astromae()
+    load_into(net, state, source)
+    return Normalized(net, norm).eval()
+
+
+def load_model(name: str = DEMO_NAME, weights: str | None = None, device: str = "cpu", mode: str = "exact",
+               threads: int | None = None, compile: bool | None = None) -> Predictor:
+    """Load model ``name`` (see the module docstring) on ``device`` in ``mode`` ('exact' or 'fast')."""
+    if mode not in MODES:
+        raise ModelError(f"mode '{mode}' is not known; choose one of {', '.join(MODES)}")
+    device = resolve_device(device)
+    set_threads(threads)
+    if name == "astromae-random":
+        return Predictor(name, Normalized(build_astromae(seed=0)), device, mode, compile)
+    if name in (DEMO_NAME, "astromae"):
+        if weights is None:
+            if name == "astromae":
+                raise ModelError("model 'astromae' needs weights=URL of a safetensors file "
+                                 "(make one from the original checkpoint with `cai model import-cai`)")
+            weights = demo_weights_path()
+            if not os.path.exists(weights):
+                raise ModelError(f"demo weights {weights} are missing; train them with `cai model train-demo`")
+        from .. import storage
+
+        try:
+            data = storage.read_bytes(weights)
+        except Exception as exc:
+            raise ModelError(f"cannot read weights '{weights}': {exc}") from exc
+        return Predictor(name, astromae_from_weights(data, weights), device, mode, compile)
+    return _load_plugin(name, weights, device, mode, threads)
+
+
+def _load_plugin(name: str, weights: str | None, device: str, mode: str, threads: int | None) -> Predictor:
+    factory = _find_factory(name)
+    obj = factory(weights=weights, device=device, mode=mode, threads=threads)
+    if isinstance(obj, Predictor):
+        return obj
+    if isinstance(obj, nn.Module):
+        return Predictor(name, obj, device, mode)
+    if callable(getattr(obj, "predict", None)):
+        return _ExternalPredictor(name, obj, device, mode)
+    raise ModelError(f"model factory '{name}' returned {type(obj).__name__}, which has no predict() and is not "
+                     "an nn.Module")
+
+
+def _find_factory(name: str) -> Callable[..., Any]:
+    if ":" in name:
+        module_name, _, attr = name.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise ModelError(f"model '{name}': cannot import module '{module_name}': {exc}") from exc
+        factory = getattr(module, attr, None)
+        if not callable(factory):
+            raise ModelError(f"model '{name}': module '{module_name}' has no callable '{attr}'")
+        return factory
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name == name:
+            return ep.load()
+    known = list(BUILTIN) + sorted(ep.name for ep in entry_points(group=ENTRY_POINT_GROUP))
+    raise ModelError(f"model '{name}' is not known; choose one of {', '.join(known)} or give 'package.module:factory'")
