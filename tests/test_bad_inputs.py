@@ -27,6 +27,7 @@ from cosmicai.cli import main
 from cosmicai.config import load_config
 from cosmicai.data.formats import FORMAT_NAME, FORMAT_VERSION, Partition, encode_partition
 from cosmicai.data.partition import decode, read_partition
+from cosmicai.data.split import parse_size
 from cosmicai.errors import ConfigError, DataError, ModelError, StorageError, UnsafePickleError
 from cosmicai.pipeline.plan import make_plan
 
@@ -63,6 +64,11 @@ def _st(arrays: dict[str, np.ndarray], **meta: str) -> bytes:
     """safetensors bytes with cosmicai metadata unless overridden."""
     return st_save(arrays, metadata={"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "bands": "u,g,r,i,z",
                                      **meta})
+
+
+def _header_bytes(header: bytes) -> bytes:
+    """A file made of a safetensors length prefix and ``header`` (and nothing else)."""
+    return len(header).to_bytes(8, "little") + header
 
 
 def _valid() -> bytes:
@@ -244,6 +250,32 @@ API_CASES: list[Bad] = [
                               lambda: make_plan(load_config({"data": str(d), "result": str(c.tmp / "r")})[0]))[1]
                    )(c.copy_data()),
         StorageError, ("{tmp}/data/manifest.json", "not valid JSON")),
+    Bad("manifest-duplicate-name", "make_plan",
+        lambda c: _mutated_manifest(c, lambda m: m["partitions"].__setitem__(
+            1, {**m["partitions"][1], "name": m["partitions"][0]["name"]})),
+        DataError, ("manifest.json", "partitions[1] name", "appears twice")),
+    Bad("manifest-path-in-name", "make_plan",
+        lambda c: _mutated_manifest(c, lambda m: m["partitions"][0].update(name="../escape.safetensors")),
+        DataError, ("manifest.json", "partitions[0] name '../escape.safetensors' is not a plain file name")),
+    Bad("manifest-total-rows-text", "make_plan", lambda c: _mutated_manifest(c, lambda m: m.update(total_rows="abc")),
+        DataError, ("manifest.json", "'total_rows' is 'abc', expected an integer")),
+    Bad("manifest-wrong-bands", "make_plan", lambda c: _mutated_manifest(c, lambda m: m.update(bands=["g", "r"])),
+        DataError, ("manifest.json", "'bands' is ['g', 'r']")),
+    Bad("partition-header-is-list", "decode",
+        lambda c: lambda: decode(_header_bytes(b'[1, 2]'), "bad.safetensors"),
+        DataError, ("bad.safetensors", "corrupt safetensors header", "JSON object")),
+    Bad("partition-header-no-offsets", "decode",
+        lambda c: lambda: decode(_header_bytes(json.dumps({
+            "__metadata__": {"format": FORMAT_NAME, "format_version": FORMAT_VERSION},
+            "images": {"dtype": "F32", "shape": [1]}}).encode()), "bad.safetensors"),
+        DataError, ("bad.safetensors", "bad tensor entry")),
+    Bad("config-bucket-map-not-mapping", "load_config",
+        lambda c: lambda: load_config({"data": "d", "result": "r"}, bucket_map=["a"]),
+        ConfigError, ("bucket_map: expected a mapping",)),
+    Bad("size-overflow", "parse_size", lambda c: lambda: parse_size("1e400MB"),
+        ConfigError, ("--partition-size", "'1e400MB' is too large")),
+    Bad("size-below-one-byte", "parse_size", lambda c: lambda: parse_size("0.0000001"),
+        ConfigError, ("--partition-size", "must be at least one byte")),
     Bad("manifest-version", "make_plan", lambda c: _mutated_manifest(c, lambda m: m.update(format_version="9")),
         DataError, ("manifest.json", "unsupported manifest format_version '9'")),
     Bad("manifest-entry-no-sha256", "make_plan",

@@ -93,8 +93,11 @@ def load_config(source: str | dict[str, Any] | None = None, **overrides: Any) ->
         raw = _read_source(origin)
     overrides = {k: v for k, v in overrides.items() if v is not None}
     bucket_root = overrides.pop("bucket_root", None) or raw.pop("bucket_root", None)
-    bucket_map = dict(raw.pop("bucket_map", None) or {})
-    bucket_map.update(overrides.pop("bucket_map", None) or {})
+    bucket_map: dict[str, str] = {}
+    for given in (raw.pop("bucket_map", None), overrides.pop("bucket_map", None)):
+        if given is not None and not isinstance(given, dict):
+            raise ConfigError(f"bucket_map: expected a mapping of bucket name -> URL, got {type(given).__name__}")
+        bucket_map.update(given or {})
 
     unused: list[str] = []
     if is_legacy_payload(raw):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 import numpy as np
@@ -28,6 +29,9 @@ def parse_size(text: str | float | int, default_unit: str = "b", what: str = "si
         value, unit = float(match.group(1)), (match.group(2) or default_unit).lower()
     if unit not in UNITS:
         raise ConfigError(f"{what}: cannot parse {text!r}: unknown unit {unit!r}; use B, KB, MB, GB or TB")
-    if value <= 0:
-        raise ConfigError(f"{what}: {text!r} must be positive")
-    return int(round(value * UNITS[unit]))
+    nbytes = value * UNITS[unit]
+    if not math.isfinite(nbytes) or nbytes > 2**62:
+        raise ConfigError(f"{what}: {text!r} is too large")
+    if round(nbytes) < 1:
+        raise ConfigError(f"{what}: {text!r} must be at least one byte")
+    return int(round(nbytes))

@@ -34,6 +34,15 @@ def _remote_error_types() -> tuple[type[BaseException], ...]:
 _REMOTE_ERRORS = _remote_error_types()
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
+
+
 def s3_endpoint() -> str | None:
     """The S3 endpoint URL from the environment, or None for AWS itself."""
     for var in ENDPOINT_VARS:
@@ -135,8 +144,11 @@ def write_bytes(url: str, data: bytes) -> None:
             os.makedirs(folder, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
             try:
+                os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
                 with os.fdopen(fd, "wb") as fh:
                     fh.write(data)
+                    fh.flush()
+                    os.fsync(fh.fileno())  # never an empty file under the final name after a crash
                 os.replace(tmp, lpath)
             except BaseException:
                 if os.path.exists(tmp):

@@ -46,16 +46,22 @@ def pick_gpu(name: Any, gpus_per_node: int, visible: str | None) -> str | None:
     return devices[index % min(len(devices), gpus_per_node)]
 
 
+#: Environment passed from the client to every worker: where the S3-compatible storage is.
+WORKER_ENV_VARS = ("CAI_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+
+
 class WorkerSetup(WorkerPlugin):
     """Worker plugin: sets torch threads and pins one GPU per worker process before any task runs."""
 
-    def __init__(self, threads: int | None = None, gpus_per_node: int = 0):
+    def __init__(self, threads: int | None = None, gpus_per_node: int = 0, env: dict[str, str] | None = None):
         self.threads = threads
         self.gpus_per_node = gpus_per_node
+        self.env = dict(env or {})
         # distinct names, so a GPU-pinning plugin is not replaced by a later threads-only one
-        self.name = f"cosmicai-worker-setup-t{threads or 0}-g{gpus_per_node}"
+        self.name = f"cosmicai-worker-setup-t{threads or 0}-g{gpus_per_node}-e{abs(hash(tuple(sorted(self.env.items()))))}"
 
     def setup(self, worker: Any) -> None:
+        os.environ.update(self.env)
         if self.gpus_per_node > 1:
             device = pick_gpu(worker.name, self.gpus_per_node, os.environ.get("CUDA_VISIBLE_DEVICES"))
             if device is not None:
@@ -134,8 +140,10 @@ class DaskBackend:
         except OSError as exc:
             self.close()
             raise ConfigError(f"dask backend: cannot reach the scheduler {scheduler!r}: {exc}") from exc
-        if threads or gpus_per_node > 1:
-            self.client.register_plugin(WorkerSetup(threads, gpus_per_node))
+        # The S3 endpoint the client uses must reach remote workers too (they get only {result_url, rank}).
+        env = {var: os.environ[var] for var in WORKER_ENV_VARS if os.environ.get(var)}
+        if threads or gpus_per_node > 1 or env:
+            self.client.register_plugin(WorkerSetup(threads, gpus_per_node, env))
         self.dashboard_link = self.client.dashboard_link
         if not quiet:
             print(f"cai: dask dashboard at {self.dashboard_link}", file=sys.stderr)

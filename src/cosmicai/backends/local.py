@@ -42,13 +42,17 @@ class LocalBackend:
 
     def __init__(self, workers: int | None = None, threads: int | None = None, in_process: bool | None = None):
         self.workers, self.threads = default_workers_threads(workers, threads)
+        self._threads_given = bool(threads)
         self.in_process = (self.workers == 1) if in_process is None else bool(in_process)
         self._pool: ProcessPoolExecutor | None = None
 
     def _get_pool(self, n_tasks: int) -> ProcessPoolExecutor:
         if self._pool is None:
+            procs = max(1, min(self.workers, n_tasks))
+            if not self._threads_given:  # fewer tasks than workers: give the idle cores to the processes started
+                self.threads = default_workers_threads(procs, None)[1]
             ctx = multiprocessing.get_context("spawn")
-            self._pool = ProcessPoolExecutor(max_workers=max(1, min(self.workers, n_tasks)), mp_context=ctx,
+            self._pool = ProcessPoolExecutor(max_workers=procs, mp_context=ctx,
                                              initializer=_init_worker, initargs=(self.threads,))
         return self._pool
 

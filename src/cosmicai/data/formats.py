@@ -151,13 +151,18 @@ def _check_header(data: bytes | memoryview, source: str) -> dict[str, Any]:
         header = json.loads(bytes(data[8:8 + hlen]))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DataError(f"{source}: corrupt safetensors header ({exc})") from exc
+    if not isinstance(header, dict) or not isinstance(header.get("__metadata__") or {}, dict):
+        raise DataError(f"{source}: corrupt safetensors header (expected a JSON object with a '__metadata__' object)")
     meta = header.get("__metadata__") or {}
     if meta.get("format") != FORMAT_NAME:
         raise DataError(f"{source}: not a cosmicai partition (metadata format={meta.get('format')!r})")
     if meta.get("format_version") != FORMAT_VERSION:
         raise DataError(f"{source}: unsupported format_version {meta.get('format_version')!r} "
                         f"(this cosmicai reads {FORMAT_VERSION!r})")
-    end = max((info["data_offsets"][1] for k, info in header.items() if k != "__metadata__"), default=0)
+    try:
+        end = max((int(info["data_offsets"][1]) for k, info in header.items() if k != "__metadata__"), default=0)
+    except (KeyError, TypeError, IndexError, ValueError) as exc:
+        raise DataError(f"{source}: corrupt safetensors header (bad tensor entry: {exc!r})") from exc
     if 8 + hlen + end != len(data):
         raise DataError(f"{source}: truncated or corrupt partition (expected {8 + hlen + end} bytes, got {len(data)})")
     return header
@@ -261,6 +266,7 @@ class Manifest:
         if not isinstance(raw.get("partitions"), list):
             raise DataError(f"{source}: 'partitions' must be a list")
         entries = []
+        seen: set[str] = set()
         first = 0
         for i, p in enumerate(raw["partitions"]):
             try:
@@ -269,6 +275,10 @@ class Manifest:
             except (KeyError, TypeError, ValueError) as exc:
                 raise DataError(f"{source}: partitions[{i}] is malformed ({exc!r}); needs name, rows, bytes, "
                                 f"sha256, first_row") from exc
+            if entry.name in seen or "/" in entry.name or "\\" in entry.name or entry.name in ("", ".", ".."):
+                what = "appears twice" if entry.name in seen else "is not a plain file name"
+                raise DataError(f"{source}: partitions[{i}] name {entry.name!r} {what}")
+            seen.add(entry.name)
             if entry.rows < 0 or entry.bytes < 0:
                 raise DataError(f"{source}: partitions[{i}] ({entry.name}) has negative rows or bytes")
             if entry.first_row != first:
@@ -276,11 +286,21 @@ class Manifest:
                                 f"expected {first}")
             first += entry.rows
             entries.append(entry)
-        m = cls(partitions=entries, format_version=raw["format_version"],
-                bands=list(raw.get("bands", BANDS)), image_shape=list(raw.get("image_shape", IMAGE_SHAPE)),
+        bands, shape = raw.get("bands", list(BANDS)), raw.get("image_shape", list(IMAGE_SHAPE))
+        if bands != list(BANDS):
+            raise DataError(f"{source}: 'bands' is {bands!r}, expected {list(BANDS)}")
+        if shape != list(IMAGE_SHAPE):
+            raise DataError(f"{source}: 'image_shape' is {shape!r}, expected {list(IMAGE_SHAPE)}")
+        m = cls(partitions=entries, format_version=raw["format_version"], bands=list(bands), image_shape=list(shape),
                 has_redshift=bool(raw.get("has_redshift", True)), description=str(raw.get("description", "")))
         for key in ("total_rows", "total_bytes"):
-            if key in raw and int(raw[key]) != getattr(m, key):
+            if key not in raw:
+                continue
+            try:
+                value = int(raw[key])
+            except (TypeError, ValueError) as exc:
+                raise DataError(f"{source}: '{key}' is {raw[key]!r}, expected an integer") from exc
+            if value != getattr(m, key):
                 raise DataError(f"{source}: '{key}' is {raw[key]} but the partitions add up to {getattr(m, key)}")
         return m
 

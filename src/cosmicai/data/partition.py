@@ -54,6 +54,8 @@ def read_partition(url: str, allow_nonfinite: bool = False) -> Partition:
             return load_partition_file(lpath, source=url, allow_nonfinite=allow_nonfinite)
         except FileNotFoundError:
             raise StorageError(f"{url}: no such file") from None
+        except OSError as exc:  # a directory, no permission, an I/O error
+            raise StorageError(f"{url}: cannot read ({exc})") from None
         except ValueError as exc:  # numpy cannot map an empty file
             if isinstance(exc, DataError):
                 raise

@@ -111,7 +111,7 @@ def _stored_record(plan: Plan, rank: int) -> dict[str, Any] | None:
         record = storage.read_json(url)
     except CaiError:
         return None
-    if record.get("plan_hash") != plan.plan_hash or not _predictions_intact(
+    if not isinstance(record, dict) or record.get("plan_hash") != plan.plan_hash or not _predictions_intact(
             record, storage.size(predictions_url(plan.result_url, rank))):
         return None
     return record
@@ -171,6 +171,27 @@ def _write_error(plan: Plan, rank: int, parts: list[dict], exc: BaseException, s
         storage.write_json(error_url(plan.result_url, rank), info)
     except CaiError:
         pass  # the original exception matters more than a failed error report
+
+
+def record_failure(plan: Plan, rank: int, error_type: str, message: str, recorded_by: str) -> dict[str, Any]:
+    """Name a rank whose task died without reporting (killed, out of memory, timed out) in ``errors/<rank>.json``.
+
+    Keeps the worker's own error report when it wrote one for this plan; returns what is on record, with
+    ``status`` "failed", or "ok" when the rank's record exists after all.
+    """
+    url = error_url(plan.result_url, rank)
+    existing = storage.read_json(url) if storage.exists(url) else None
+    if isinstance(existing, dict) and existing.get("plan_hash") == plan.plan_hash:
+        return {"rank": rank, "status": "failed", "error_type": existing.get("error_type", error_type),
+                "message": str(existing.get("message", message)), "recorded_by": "pipeline"}
+    if _stored_record(plan, rank) is not None:
+        return {"rank": rank, "status": "ok", "note": f"record exists despite {error_type}"}
+    parts = [p["name"] for p in plan.tasks.get(rank, [])]
+    storage.write_json(url, {"rank": rank, "partitions": parts, "error_type": error_type, "message": message,
+                             "traceback": None, "plan_hash": plan.plan_hash, "recorded_by": recorded_by,
+                             "failed_at": _now()})
+    return {"rank": rank, "status": "failed", "error_type": error_type, "message": message,
+            "recorded_by": recorded_by}
 
 
 def _run(plan: Plan, rank: int, parts: list[dict[str, Any]], started: str) -> dict[str, Any]:

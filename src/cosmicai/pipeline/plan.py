@@ -87,7 +87,7 @@ class Plan:
                        partitions=raw["partitions"], world_size=int(raw["world_size"]),
                        tasks={int(r): parts for r, parts in raw["tasks"].items()},
                        created_at=raw.get("created_at", ""), options=dict(raw.get("options") or {}))
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise DataError(f"{source}: malformed plan ({exc!r})") from exc
 
 

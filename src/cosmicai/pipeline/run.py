@@ -9,7 +9,7 @@ from typing import Any
 
 from .. import storage
 from ..config import RunConfig
-from .infer import done_ranks, run_task
+from .infer import done_ranks, record_failure, run_task
 from .plan import make_plan
 from .records import RUN_NAME, SUMMARY_NAME
 from .summarize import IncompleteRunError, incomplete_message, summarize
@@ -85,20 +85,17 @@ def _run(config: RunConfig, backend: Any, progress: bool, report: bool | None) -
     run_info = {"plan_hash": plan.plan_hash, "backend": getattr(backend, "name", config.backend),
                 "ranks_run": sorted(ran), "ranks_resumed": resumed, "ranks_failed": sorted(failures),
                 "stages": {"plan_s": plan_s, "map_s": map_s if ran else None}}
+    for rank, exc in sorted(failures.items()):  # name ranks whose worker died before writing errors/<rank>.json
+        record_failure(plan, rank, type(exc).__name__, str(exc) or repr(exc), recorded_by="backend")
     storage.write_json(storage.join(config.result, RUN_NAME), run_info)
     t2 = time.perf_counter()
     summary = summarize(config.result, allow_failures=True)
+    # Record the summarize stage too, so summary.json (and any later `summarize`) carries all three stages.
     run_info["stages"]["summarize_s"] = time.perf_counter() - t2
     summary["stages"] = dict(run_info["stages"])
-    # Record the summarize stage too, so summary.json (and any later `summarize`) carries all three stages.
     storage.write_json(storage.join(config.result, RUN_NAME), run_info)
     storage.write_json(storage.join(config.result, SUMMARY_NAME), summary)
     summary["ranks_run"], summary["ranks_resumed"] = len(ran), resumed
-    reported = {f["rank"] for f in summary["failures"]}
-    for rank, exc in sorted(failures.items()):
-        if rank not in reported:  # the worker died before it could write errors/<rank>.json
-            summary["failures"].append({"rank": rank, "partitions": [p["name"] for p in plan.tasks[rank]],
-                                        "error_type": type(exc).__name__, "message": str(exc) or repr(exc)})
     if (report if report is not None else progress):
         print(format_report(summary))
     if not summary["completeness"]["complete"] and not config.allow_failures:

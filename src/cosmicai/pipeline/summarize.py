@@ -118,6 +118,9 @@ def summarize(result_url: str, allow_failures: bool = False) -> dict[str, Any]:
     for rank in unreadable:
         del records[rank]
     missing = sorted(missing + unreadable)
+    twice = sorted(name for name, count in part_done.items() if count > 1)
+    if twice:
+        problems.append(f"partition(s) {twice[:10]} were predicted more than once")
     combined = _combine(tables) if tables else None
 
     planned_rows = plan.total_rows

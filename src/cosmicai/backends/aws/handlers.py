@@ -170,26 +170,17 @@ def _error_details(error: Any) -> tuple[str, str]:
 def record_failure(event: dict[str, Any]) -> dict[str, Any]:
     """The Catch of a rank: keep the pipeline's ``errors/<rank>.json`` or, when the task died without writing one
     (timeout, out of memory), write it from the Step Functions error so Summarize names the rank."""
-    from ... import storage
+    from ...pipeline.infer import record_failure as record_rank_failure
     from ...pipeline.plan import load_plan
-    from ...pipeline.records import error_url, record_url
 
     result_url, rank = _task(event)
     error_type, message = _error_details(event.get("error"))
-    plan = load_plan(result_url)
-    url = error_url(result_url, rank)
-    existing = storage.read_json(url) if storage.exists(url) else None
-    if isinstance(existing, dict) and existing.get("plan_hash") == plan.plan_hash:
-        return {"rank": rank, "status": "failed", "error_type": existing.get("error_type", error_type),
-                "message": str(existing.get("message", message))[:500], "recorded_by": "pipeline"}
-    if storage.exists(record_url(result_url, rank)):
-        return {"rank": rank, "status": "ok", "note": f"record exists despite {error_type}"}
-    parts = [p["name"] for p in plan.tasks.get(rank, [])]
-    storage.write_json(url, {"rank": rank, "partitions": parts, "error_type": error_type, "message": message,
-                             "traceback": None, "plan_hash": plan.plan_hash, "recorded_by": "step-functions-catch",
-                             "failed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-    return {"rank": rank, "status": "failed", "error_type": error_type, "message": message[:500],
-            "recorded_by": "catch"}
+    out = record_rank_failure(load_plan(result_url), rank, error_type, message, "step-functions-catch")
+    if "message" in out:
+        out["message"] = out["message"][:500]
+    if out.get("recorded_by") == "step-functions-catch":
+        out["recorded_by"] = "catch"
+    return out
 
 
 def summarize(event: dict[str, Any], context: Any = None) -> dict[str, Any]:
