@@ -128,15 +128,15 @@ def done_ranks(plan: Plan) -> set[int]:
 
     pred_size = {rank_of(u): n for u, n in
                  storage.list_files_with_sizes(storage.join(plan.result_url, PREDICTIONS_DIR), ".parquet")}
+    urls = [u for u in storage.list_files(storage.join(plan.result_url, RANKS_DIR), ".json")
+            if rank_of(u) in pred_size and rank_of(u) in plan.tasks]
     done = set()
-    for url in storage.list_files(storage.join(plan.result_url, RANKS_DIR), ".json"):
+    for url, record in zip(urls, storage.map_urls(storage.read_json, urls)):
+        if isinstance(record, CaiError):  # unreadable record: the rank is redone
+            continue
+        if isinstance(record, BaseException):
+            raise record
         rank = rank_of(url)
-        if rank is None or rank not in pred_size or rank not in plan.tasks:
-            continue
-        try:
-            record = storage.read_json(url)
-        except CaiError:
-            continue
         if (isinstance(record, dict) and record.get("plan_hash") == plan.plan_hash
                 and _predictions_intact(record, pred_size[rank])):
             done.add(rank)

@@ -29,13 +29,12 @@ class IncompleteRunError(CaiError):
 
 def _read_records(plan: Plan, folder: str) -> dict[int, dict[str, Any]]:
     out = {}
-    for url in storage.list_files(storage.join(plan.result_url, folder), ".json"):
-        rank = rank_of(url)
-        if rank is None:
-            continue
-        rec = storage.read_json(url)
+    urls = [u for u in storage.list_files(storage.join(plan.result_url, folder), ".json") if rank_of(u) is not None]
+    for url, rec in zip(urls, storage.map_urls(storage.read_json, urls)):
+        if isinstance(rec, BaseException):
+            raise rec
         if isinstance(rec, dict) and rec.get("plan_hash") == plan.plan_hash:
-            out[rank] = rec
+            out[rank_of(url)] = rec
     return out
 
 
@@ -93,10 +92,14 @@ def summarize(result_url: str, allow_failures: bool = False) -> dict[str, Any]:
     rows_in = rows_out = 0
     part_done: dict[str, int] = {}
     unreadable: list[int] = []
-    for rank in sorted(records):
+    order = sorted(records)
+    sources = storage.map_urls(_pq_source, [predictions_url(result_url, rank) for rank in order])
+    for rank, source in zip(order, sources):
         rec = records[rank]
         try:
-            table = pq.read_table(_pq_source(predictions_url(result_url, rank)))
+            if isinstance(source, BaseException):
+                raise source
+            table = pq.read_table(source)
         except (pa.ArrowException, OSError, CaiError) as exc:
             problems.append(f"rank {rank}: {predictions_url(result_url, rank)} is unreadable ({exc}); "
                             f"a rerun redoes this rank")
