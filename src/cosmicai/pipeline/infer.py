@@ -237,7 +237,7 @@ def _run(plan: Plan, rank: int, parts: list[dict[str, Any]], started: str) -> di
             num_batches += math.ceil(n / batch_size)
             rows_per_part[part["name"]] = n
             columns["object_id"].append(np.asarray(data.object_id, dtype=np.int64))
-            columns["partition"].append(np.full(n, part["name"], dtype=object))
+            columns["partition"].append(np.full(n, len(rows_per_part) - 1, dtype=np.int32))  # index into names
             columns["row"].append(np.arange(n, dtype=np.int32))
             columns["z_pred"].append(z)
             columns["flag"].append(flag)
@@ -251,7 +251,8 @@ def _run(plan: Plan, rank: int, parts: list[dict[str, Any]], started: str) -> di
 
     t0 = time.perf_counter()
     table = {"object_id": pa.array(np.concatenate(columns["object_id"]), pa.int64()),
-             "partition": pa.array(np.concatenate(columns["partition"]), pa.string()).dictionary_encode(),
+             "partition": pa.DictionaryArray.from_arrays(pa.array(np.concatenate(columns["partition"]), pa.int32()),
+                                                         pa.array(list(rows_per_part), pa.string())),
              "row": pa.array(np.concatenate(columns["row"]), pa.int32()),
              "z_pred": pa.array(np.concatenate(columns["z_pred"]), pa.float32())}
     if has_z:
