@@ -437,7 +437,7 @@ CLI_CASES: list[BadCli] = [
            2, ("cai: error:", "'world_size' must be >= 1, got 0")),
     BadCli("run-unknown-model", lambda c: ["run", "--data", c.data, "--result", str(c.tmp / "r"), "--model", "gpt-9",
                                            "--workers", "1", "--threads", "1", "--quiet", "--file-limit", "1"],
-           1, ("cai: error:", "rank 0 failed (ModelError: model 'gpt-9' is not known")),
+           2, ("cai: error:", "model: model 'gpt-9' is not known")),
     BadCli("data-verify-corrupt", lambda c: ["data", "verify", _corrupt_copy(c), "--quiet"],
            1, ("BAD part-000002.safetensors: checksum mismatch", "1 of 4 partition(s) bad: part-000002.safetensors")),
     BadCli("data-verify-missing", lambda c: ["data", "verify", str(c.tmp / "none"), "--quiet"],

@@ -4,7 +4,18 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["load_model"]
+__all__ = ["BUILTIN", "check_model_name", "load_model"]
+
+#: Models that need no plug-in lookup (see registry.py).
+BUILTIN = ("astromae-demo", "astromae", "astromae-random")
+
+
+def check_model_name(name: str) -> None:
+    """Raise ModelError when ``name`` is neither built in nor a resolvable plug-in (cheap for built-in names)."""
+    if name not in BUILTIN:
+        from .registry import _find_factory
+
+        _find_factory(name)
 
 
 def __getattr__(name: str) -> Any:

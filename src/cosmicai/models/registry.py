@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelError
+from . import BUILTIN
 from .astromae import build_astromae, count_params
 from .fast import MODES, prepare
 from .weights_io import Normalized, as_numpy_f32, load_into
@@ -33,7 +34,6 @@ from .weights_io import Normalized, as_numpy_f32, load_into
 DEMO_NAME = "astromae-demo"
 DEMO_FILE = "astromae-demo.safetensors"
 ENTRY_POINT_GROUP = "cosmicai.models"
-BUILTIN = ("astromae-demo", "astromae", "astromae-random")
 
 
 def demo_weights_path() -> str:

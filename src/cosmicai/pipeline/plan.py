@@ -15,7 +15,7 @@ from typing import Any
 
 from .. import storage
 from ..config import RunConfig
-from ..errors import ConfigError, DataError
+from ..errors import CaiError, ConfigError, DataError
 
 PLAN_NAME = "plan.json"
 TASKS_NAME = "tasks.json"
@@ -119,6 +119,12 @@ def make_plan(config: RunConfig) -> Plan:
     Re-planning with the same config keeps the existing plan (same hash, so completed ranks are resumed); a
     different config into a result URL that already holds a run is a ConfigError unless ``config.overwrite``.
     """
+    from ..models import check_model_name
+
+    try:
+        check_model_name(config.model)  # before any partition is listed or worker started
+    except CaiError as exc:
+        raise ConfigError(f"model: {exc}") from exc
     parts = _partition_dicts(config)
     world = config.world_size or len(parts)
     cfg = config.plan_dict()
