@@ -11,7 +11,6 @@ Prices are us-east-1 list prices; every one can be overridden through ``prices``
 from __future__ import annotations
 
 import math
-import re
 from typing import Any, Iterable, Sequence
 
 from .. import sizes
@@ -136,12 +135,11 @@ def cost_from_records(records: Iterable[dict[str, Any]], memory_mb: float, arch:
     return lambda_cost(len(durations), durations, memory_mb, arch, ephemeral_mb, prices)
 
 
-_REPORT = re.compile(r"REPORT\s+RequestId:.*?Billed Duration:\s*([0-9.]+)\s*ms.*?Memory Size:\s*([0-9.]+)\s*MB")
-
-
 def parse_report_lines(text: str) -> list[tuple[float, float]]:
     """(billed seconds, memory MB) for every Lambda ``REPORT RequestId: ...`` line in a log text."""
-    return [(float(m.group(1)) / 1000.0, float(m.group(2))) for m in _REPORT.finditer(text)]
+    from ..backends.aws.logs import parse_reports
+
+    return [(r.billed_ms / 1000.0, float(r.memory_mb)) for r in parse_reports(text.splitlines())]
 
 
 def cost_from_reports(text: str, arch: str = "x86_64", ephemeral_mb: float = FREE_EPHEMERAL_MB,
