@@ -90,15 +90,12 @@ def fit_norm(images: np.ndarray, magnitudes: np.ndarray, redshift: np.ndarray):
 
 
 def scores(z_pred: np.ndarray, z_true: np.ndarray) -> dict[str, float]:
-    """The AstroMAE metrics (MAE, MSE, bias, precision = 1.48 NMAD of dz/(1+z), R^2, outlier fraction)."""
-    z_pred = z_pred.astype(np.float64)
-    z_true = z_true.astype(np.float64)
-    dz = (z_pred - z_true) / (1 + z_true)
-    ss_res = float(((z_pred - z_true) ** 2).sum())
-    ss_tot = float(((z_true - z_true.mean()) ** 2).sum())
-    return {"MAE": float(np.abs(z_pred - z_true).mean()), "MSE": float(((z_pred - z_true) ** 2).mean()),
-            "bias": float(dz.mean()), "precision": float(1.48 * np.median(np.abs(dz - np.median(dz)))),
-            "R2": 1.0 - ss_res / ss_tot, "outlier_fraction": float((np.abs(dz) > 0.15).mean()), "n": len(z_true)}
+    """The AstroMAE metrics (``pipeline.metrics.redshift_metrics``) under the model card's key names."""
+    from ..pipeline.metrics import redshift_metrics
+
+    m = redshift_metrics(z_pred, z_true)
+    return {"MAE": m["MAE"], "MSE": m["MSE"], "bias": m["Bias"], "precision": m["Precision"], "R2": m["R2"],
+            "outlier_fraction": m["outlier_fraction"], "n": m["n"]}
 
 
 def _augment(images, gen):
