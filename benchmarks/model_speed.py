@@ -7,7 +7,8 @@ wrapped in ``nn.DataParallel`` as the original checkpoint is. All methods run al
 the same partition (5,113 samples by default) with the same weights and thread count; the median of the
 repeats is reported, with achieved GFLOP/s against a GEMM rate measured here.
 
-    python benchmarks/model_speed.py [--samples 5113] [--repeats 3] [--threads N] [--model astromae-demo]
+    python benchmarks/model_speed.py [--samples 5113] [--repeats 3] [--threads N] [--engine both|onnxruntime|torch]
+                                     [--model astromae-demo]
                                      [--data PARTITION_URL]   (default: 5,113 freshly synthesised galaxies)
 """
 
@@ -65,11 +66,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compile", action="store_true", help="also time both modes under torch.compile "
                    "(prints the one-off compile time each process would pay)")
     p.add_argument("--data", default=None, help="a partition URL to use (default: synthesise --samples galaxies)")
+    p.add_argument("--engine", choices=("both", "onnxruntime", "torch"), default="both",
+                   help="which of our engines to time (default both)")
     p.add_argument("--model", default=None, help="astromae-demo when its weights exist, else astromae-random")
     args = p.parse_args(argv)
     name = args.model or ("astromae-demo" if os.path.exists(demo_weights_path()) else "astromae-random")
-    exact = load_model(name, mode="exact", threads=args.threads)
-    fast = load_model(name, mode="fast", threads=args.threads)
+    engines = ["onnxruntime", "torch"] if args.engine == "both" else [args.engine]
+    predictors = {}
+    for engine in engines:
+        for mode in ("exact", "fast"):
+            t = time.perf_counter()
+            predictors[f"{mode} ({engine})"] = load_model(name, mode=mode, threads=args.threads, engine=engine)
+            print(f"load {mode} ({engine}): {time.perf_counter() - t:.1f} s", flush=True)
+    exact = next(iter(predictors.values()))
     threads = torch.get_num_threads()
     original = torch.nn.DataParallel(exact.module)  # the straightforward module, as pickled originally
     if args.data:
@@ -84,17 +93,17 @@ def main(argv: list[str] | None = None) -> int:
     images, mags = part.images, part.magnitudes
     args.samples = len(part)
 
-    methods = {"original loop": lambda: original_loop(original, images, mags),
-               "ours exact": lambda: exact.predict(images, mags, batch_size=512),
-               "ours fast": lambda: fast.predict(images, mags, batch_size=512)}
+    methods = {"original loop": lambda: original_loop(original, images, mags)}
+    for label, pred in predictors.items():
+        methods[label] = functools.partial(pred.predict, images, mags, batch_size=512)
     if args.compile:
         for mode in ("exact", "fast"):
-            pred = load_model(name, mode=mode, threads=args.threads, compile=True)
+            pred = load_model(name, mode=mode, threads=args.threads, compile=True, engine="torch")
             t = time.perf_counter()
             pred.predict(images[:512], mags[:512])
             pred.predict(images[:100], mags[:100])  # a ragged last batch compiles a second shape
             print(f"torch.compile ({mode}): {time.perf_counter() - t:.1f} s of compilation in this process")
-            methods[f"{mode}+compile"] = functools.partial(pred.predict, images, mags, batch_size=512)
+            methods[f"{mode} (torch.compile)"] = functools.partial(pred.predict, images, mags, batch_size=512)
     outputs = {k: f() for k, f in methods.items()}  # warm-up, and a correctness check below
     times: dict[str, list[float]] = {k: [] for k in methods}
     for _ in range(args.repeats):
@@ -110,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     for k in methods:
         rate = args.samples / statistics.median(times[k])
         diff = float(np.max(np.abs(outputs[k] - outputs["original loop"])))
-        print(f"{k:15s} {rate:9.1f} samples/s  x{rate / base:5.2f} vs original  "
+        print(f"{k:21s} {rate:7.1f} samples/s  x{rate / base:5.2f} vs original  "
               f"{rate * flop / 1e9:7.1f} GFLOP/s ({100 * rate * flop / 1e9 / gemm:4.1f}% of GEMM)  "
               f"max |dz| vs original {diff:.2e}")
     return 0

@@ -209,18 +209,25 @@ class AstroMAE(nn.Module):
         self.fusion = nn.Sequential(nn.Linear(2 * cfg.branch_dim + cfg.mag_dim, cfg.fusion_dim), nn.ReLU(),
                                     nn.Linear(cfg.fusion_dim, 1))
 
-    def vit_features(self, images: torch.Tensor) -> torch.Tensor:
-        """The ViT branch: [N, 5, 32, 32] -> [N, 1096]."""
+    def forward(self, images: torch.Tensor, magnitudes: torch.Tensor) -> torch.Tensor:
+        return self.regress(self.image_features(images), magnitudes)
+
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        """The per-image, compute-heavy part: ``[N, 5, 32, 32] -> [N, 384]`` (ViT ``fc_norm`` output, then the
+        flattened Inception output). Inference engines run it in small cache-sized batches."""
         x = self.patch_embed(images)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
         for blk in self.blocks:
             x = blk(x)
-        x = self.fc_norm(x[:, 1:, :].mean(dim=1))
-        return self.vit_mlp(self.head(x))
+        return torch.cat([self.fc_norm(x[:, 1:, :].mean(dim=1)), self.mix.inception(images)], dim=1)
 
-    def forward(self, images: torch.Tensor, magnitudes: torch.Tensor) -> torch.Tensor:
-        cnn, mags = self.mix(images, magnitudes)
-        feats = torch.cat([self.vit_features(images), cnn, mags], dim=1)
+    def regress(self, features: torch.Tensor, magnitudes: torch.Tensor) -> torch.Tensor:
+        """The weight-heavy MLPs: ``image_features`` + magnitudes ``[N, 5]`` -> redshift ``[N]`` (best run in
+        large batches, so their ~30 MB of weights are read once per batch)."""
+        d = self.cfg.embed_dim
+        vit = self.vit_mlp(self.head(features[:, :d]))
+        cnn = self.mix.inception_mlp(features[:, d:])
+        feats = torch.cat([vit, cnn, self.mix.mag_mlp(magnitudes)], dim=1)
         return self.fusion(feats).squeeze(1)
 
     def set_fused_attention(self, fused: bool) -> None:

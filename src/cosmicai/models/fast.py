@@ -23,6 +23,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from ..errors import ModelError
 from .astromae import AstroMAE, ConvBlock
 
 MODES = ("exact", "fast")
@@ -45,26 +46,95 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     return model
 
 
+def _linear(weight: torch.Tensor, bias: torch.Tensor) -> nn.Linear:
+    layer = nn.Linear(weight.shape[1], weight.shape[0]).to(weight.device)
+    with torch.no_grad():
+        layer.weight.copy_(weight.float())
+        layer.bias.copy_(bias.float())
+    return layer
+
+
+def fold_linear_chains(model: nn.Module) -> nn.Module:
+    """Merge Linear layers with no activation between them (in place, products in float64); returns ``model``.
+
+    ``head`` is folded into ``vit_mlp[0]``, and the last Linear of each branch (``vit_mlp[2]``,
+    ``mix.inception_mlp[2]``, ``mix.mag_mlp[8]``) into the matching columns of ``fusion[0]``: the same maths with
+    6.9 MFLOP (3%) less per image and three fewer weight matrices to read."""
+    for net in model.modules():
+        if not isinstance(net, AstroMAE) or isinstance(net.head, nn.Identity):
+            continue
+        with torch.no_grad():
+            head, first = net.head, net.vit_mlp[0]
+            w = first.weight.double() @ head.weight.double()
+            b = first.weight.double() @ head.bias.double() + first.bias.double()
+            net.vit_mlp[0], net.head = _linear(w, b), nn.Identity()
+            fusion = net.fusion[0]
+            wf, bias, parts, col = fusion.weight.double(), fusion.bias.double(), [], 0
+            for seq in (net.vit_mlp, net.mix.inception_mlp, net.mix.mag_mlp):  # the order of the concatenation
+                last = seq[-1]
+                block = wf[:, col:col + last.out_features]
+                col += last.out_features
+                parts.append(block @ last.weight.double())
+                bias = bias + block @ last.bias.double()
+                seq[-1] = nn.Identity()
+            net.fusion[0] = _linear(torch.cat(parts, dim=1), bias)
+    return model
+
+
 def _set_fused(model: nn.Module, fused: bool) -> None:
     for module in model.modules():
         if isinstance(module, AstroMAE):
             module.set_fused_attention(fused)
 
 
-def prepare(model: nn.Module, mode: str, device: torch.device, compile: bool | None = None
-            ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """A callable ``(images, magnitudes) -> redshift`` for ``mode`` on ``device`` (a prepared copy of model)."""
+#: ``auto`` = ONNX Runtime for AstroMAE on CPU when it is installed (and torch.compile is not asked for), else torch.
+ENGINES = ("auto", "torch", "onnxruntime")
+
+
+def choose_engine(model: nn.Module, device: torch.device, engine: str | None = None, compile: bool = False) -> str:
+    """The engine that will run ``model``: ``engine`` (default ``$CAI_ENGINE`` or ``auto``) resolved."""
+    from . import ort_engine
+
+    engine = engine or os.environ.get("CAI_ENGINE") or "auto"
+    if engine not in ENGINES:
+        raise ModelError(f"engine '{engine}' is not known; choose one of {', '.join(ENGINES)}")
+    if engine == "torch":
+        return "torch"
+    fits = device.type == "cpu" and isinstance(getattr(model, "net", None), AstroMAE)
+    if engine == "onnxruntime":
+        if not fits:
+            raise ModelError("engine 'onnxruntime' runs AstroMAE on CPU only (use engine 'torch' for "
+                             f"{type(getattr(model, 'net', model)).__name__} on {device.type})")
+        if not ort_engine.available():
+            raise ModelError("engine 'onnxruntime' needs the onnxruntime and onnx packages "
+                             "(pip install onnxruntime onnx)")
+        return "onnxruntime"
+    return "onnxruntime" if fits and not compile and ort_engine.available() else "torch"
+
+
+def prepare(model: nn.Module, mode: str, device: torch.device, compile: bool | None = None,
+            engine: str | None = None, threads: int = 1) -> tuple[str, Callable]:
+    """``(engine, runner)`` for ``mode`` on ``device``, from a prepared copy of ``model``.
+
+    The torch runner maps tensors ``(images, magnitudes) -> redshift``; the ONNX Runtime runner maps float32
+    numpy arrays and runs on ``threads`` streams."""
     model = copy.deepcopy(model).eval().to(device)
     for p in model.parameters():
         p.requires_grad_(False)
     fold_batchnorm(model)
+    fold_linear_chains(model)
     _set_fused(model, True)
-    # NHWC convolutions and pools: the Inception branch's 3x3 max-pools are ~4x faster (same numbers)
-    model = model.to(memory_format=torch.channels_last)
     if compile is None:
         compile = os.environ.get("CAI_COMPILE", "") not in ("", "0", "false", "no")
+    chosen = choose_engine(model, device, engine, compile)
+    if chosen == "onnxruntime":
+        from .ort_engine import OrtRunner
+
+        return chosen, OrtRunner(model, mode, threads, _num_heads(model))
+    # NHWC convolutions and pools: the Inception branch's 3x3 max-pools are ~4x faster (same numbers)
+    model = model.to(memory_format=torch.channels_last)
     if mode == "exact":
-        return torch.compile(model) if compile else model
+        return chosen, torch.compile(model) if compile else model
     if device.type == "cuda":
         runner: Callable = torch.compile(model) if compile else model
 
@@ -72,9 +142,13 @@ def prepare(model: nn.Module, mode: str, device: torch.device, compile: bool | N
             with torch.autocast(device_type="cuda", dtype=torch.bfloat16):
                 return runner(images, magnitudes).float()
 
-        return fast_cuda
+        return chosen, fast_cuda
     model = quantize_linear(model, INT8_PREFIXES)
-    return torch.compile(model) if compile else model
+    return chosen, torch.compile(model) if compile else model
+
+
+def _num_heads(model: nn.Module) -> int:
+    return next(m.cfg.num_heads for m in model.modules() if isinstance(m, AstroMAE))
 
 
 #: Sub-modules (of AstroMAE) whose Linear layers ``fast`` runs in int8 on CPU.

@@ -49,7 +49,7 @@ class Predictor:
     """
 
     def __init__(self, name: str, module: nn.Module, device: str = "cpu", mode: str = "exact",
-                 compile: bool | None = None):
+                 compile: bool | None = None, engine: str | None = None, threads: int | None = None):
         self.name = name
         self.device = device
         self.mode = mode
@@ -57,10 +57,12 @@ class Predictor:
         self.n_params = count_params(module)
         self.last_flagged = np.zeros(0, dtype=np.int64)
         self._torch_device = torch.device(device)
-        self._run = prepare(module, mode, self._torch_device, compile=compile)
+        self.engine, self._run = prepare(module, mode, self._torch_device, compile=compile, engine=engine,
+                                         threads=threads or torch.get_num_threads())
 
     def __repr__(self) -> str:
-        return f"Predictor(name={self.name!r}, device={self.device!r}, mode={self.mode!r}, n_params={self.n_params})"
+        return (f"Predictor(name={self.name!r}, device={self.device!r}, mode={self.mode!r}, "
+                f"engine={self.engine!r}, n_params={self.n_params})")
 
     def predict(self, images: np.ndarray, magnitudes: np.ndarray, batch_size: int = 512) -> np.ndarray:
         """Redshifts for raw (un-normalised) inputs, in row order; non-finite rows -> NaN (see ``last_flagged``)."""
@@ -72,18 +74,19 @@ class Predictor:
         bad = ~np.isfinite(images.reshape(n, -1)).all(axis=1) | ~np.isfinite(magnitudes).all(axis=1)
         self.last_flagged = np.flatnonzero(bad).astype(np.int64)
         rows = np.flatnonzero(~bad) if bad.any() else None
-        # On CPU the model computes in cache-sized chunks (same numbers, fewer cache misses on the
-        # [chunk, 17, 768] activations); batch_size stays the unit of I/O and of the per-rank record.
-        step = min(batch_size, CPU_CHUNK.get(self.mode, batch_size)) if self._torch_device.type == "cpu" \
-            else batch_size
+        # On CPU the torch engine computes in cache-sized chunks (same numbers, fewer cache misses on the
+        # [chunk, 17, 768] activations; the ONNX Runtime engine chunks inside); batch_size stays the unit of I/O
+        # and of the per-rank record.
+        step = batch_size
+        if self.engine == "torch" and self._torch_device.type == "cpu":
+            step = min(batch_size, CPU_CHUNK.get(self.mode, batch_size))
         with torch.inference_mode():
             for start in range(0, n if rows is None else rows.size, step):
-                if rows is None:
-                    sel = slice(start, start + step)
-                    img, mag = images[sel], magnitudes[sel]
-                else:
-                    sel = rows[start:start + step]
-                    img, mag = images[sel], magnitudes[sel]
+                sel = slice(start, start + step) if rows is None else rows[start:start + step]
+                img, mag = images[sel], magnitudes[sel]
+                if self.engine == "onnxruntime":
+                    out[sel] = self._run(np.ascontiguousarray(img), np.ascontiguousarray(mag))
+                    continue
                 x = _tensor(img).to(self._torch_device)
                 m = _tensor(mag).to(self._torch_device)
                 out[sel] = self._run(x, m).float().cpu().numpy()
@@ -105,6 +108,7 @@ class _ExternalPredictor(Predictor):
 
     def __init__(self, name: str, obj: Any, device: str, mode: str):
         self.name, self.device, self.mode, self._obj = name, device, mode, obj
+        self.engine = "plugin"
         self.n_params = int(getattr(obj, "n_params", 0))
         self.last_flagged = np.zeros(0, dtype=np.int64)
 
@@ -173,14 +177,17 @@ def astromae_from_weights(data: bytes, source: str) -> Normalized:
 
 
 def load_model(name: str = DEMO_NAME, weights: str | None = None, device: str = "cpu", mode: str = "exact",
-               threads: int | None = None, compile: bool | None = None) -> Predictor:
-    """Load model ``name`` (see the module docstring) on ``device`` in ``mode`` ('exact' or 'fast')."""
+               threads: int | None = None, compile: bool | None = None, engine: str | None = None) -> Predictor:
+    """Load model ``name`` (see the module docstring) on ``device`` in ``mode`` ('exact' or 'fast').
+
+    ``engine``: 'auto' (default, or ``$CAI_ENGINE``): ONNX Runtime for AstroMAE on CPU, torch otherwise;
+    'torch' or 'onnxruntime' to force one. ``threads``: CPU threads (default: every CPU this process may use)."""
     if mode not in MODES:
         raise ModelError(f"mode '{mode}' is not known; choose one of {', '.join(MODES)}")
     device = resolve_device(device)
-    set_threads(threads)
+    threads = set_threads(threads)
     if name == "astromae-random":
-        return Predictor(name, Normalized(build_astromae(seed=0)), device, mode, compile)
+        return Predictor(name, Normalized(build_astromae(seed=0)), device, mode, compile, engine, threads)
     if name in (DEMO_NAME, "astromae"):
         if weights is None:
             if name == "astromae":
@@ -195,7 +202,7 @@ def load_model(name: str = DEMO_NAME, weights: str | None = None, device: str = 
             data = storage.read_bytes(weights)
         except Exception as exc:
             raise ModelError(f"cannot read weights '{weights}': {exc}") from exc
-        return Predictor(name, astromae_from_weights(data, weights), device, mode, compile)
+        return Predictor(name, astromae_from_weights(data, weights), device, mode, compile, engine, threads)
     return _load_plugin(name, weights, device, mode, threads)
 
 

@@ -71,10 +71,21 @@ class Normalized(nn.Module):
     def forward(self, images: torch.Tensor, magnitudes: torch.Tensor) -> torch.Tensor:
         if self.identity:
             return self.net(images, magnitudes)
-        images = (images - self.img_off) * self.img_inv
-        if self.norm.image_asinh:
-            images = torch.asinh(images)
-        out = self.net(images, (magnitudes - self.mag_off) * self.mag_inv)
+        return self.regress(self.image_features(images), magnitudes)
+
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Raw images -> the network's ``image_features`` (needs an AstroMAE-like ``net``)."""
+        if not self.identity:
+            images = (images - self.img_off) * self.img_inv
+            if self.norm.image_asinh:
+                images = torch.asinh(images)
+        return self.net.image_features(images)
+
+    def regress(self, features: torch.Tensor, magnitudes: torch.Tensor) -> torch.Tensor:
+        """``image_features`` + raw magnitudes -> redshift in the catalogue's units."""
+        if self.identity:
+            return self.net.regress(features, magnitudes)
+        out = self.net.regress(features, (magnitudes - self.mag_off) * self.mag_inv)
         return out * self.z_scale + self.z_offset
 
 
