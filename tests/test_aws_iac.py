@@ -149,7 +149,8 @@ def test_dockerfile_base_image_cpu_torch_handlers_and_no_secrets():
     assert "--index-url https://download.pytorch.org/whl/cpu" in text
     cmd = [ln for ln in lines if ln.startswith("CMD")]
     assert cmd == ['CMD ["cosmicai.backends.aws.handlers.infer"]']
-    assert "load_model('astromae-demo')" in text
+    assert "load_model('astromae-demo', mode=m) for m in ('exact', 'fast')" in text  # graphs baked in
+    assert "CAI_ONNX_CACHE=/opt/cai-onnx" in text
     lowered = text.lower()
     assert not any(s in lowered for s in ("aws_secret", "aws_access_key", "password", "token"))
     ignored = (ROOT / ".dockerignore").read_text().split()

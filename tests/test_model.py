@@ -127,7 +127,8 @@ def test_input_normalisation_lives_in_the_weights(tmp_path):
 
 
 @pytest.mark.skipif(not os.path.exists(demo_weights_path()), reason="demo weights not trained yet")
-def test_demo_weights_fast_mode_and_accuracy():
+@pytest.mark.parametrize("engine", ["onnxruntime", "torch"])
+def test_demo_weights_fast_mode_and_accuracy(engine):
     from cosmicai.data.synth import synthesize
     from cosmicai.models.train import scores
 
@@ -136,8 +137,9 @@ def test_demo_weights_fast_mode_and_accuracy():
     assert os.path.getsize(demo_weights_path()) <= 35e6
     assert card["holdout_scores"]["R2"] >= 0.9 and card["holdout_scores"]["precision"] <= 0.03
     part = synthesize(200, seed=0, workers=1, first_id=20_000_000)  # unseen galaxies
-    exact = load_model("astromae-demo", threads=1)
-    fast = load_model("astromae-demo", mode="fast", threads=1)
+    exact = load_model("astromae-demo", threads=1, engine=engine)
+    fast = load_model("astromae-demo", mode="fast", threads=2, engine=engine)
+    assert exact.engine == fast.engine == engine
     ze = exact.predict(part.images, part.magnitudes)
     zf = fast.predict(part.images, part.magnitudes)
     with torch.no_grad():

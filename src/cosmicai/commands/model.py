@@ -23,10 +23,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train_mod.add_arguments(train)
     train.set_defaults(func=_train_demo)
 
-    info = sub.add_parser("info", help="name, mode, parameters and GFLOP per image of a model")
+    info = sub.add_parser("info", help="name, mode, engine, parameters and GFLOP per image of a model")
     info.add_argument("--name", default="astromae-demo")
     info.add_argument("--weights", default=None)
     info.add_argument("--mode", default="exact", choices=("exact", "fast"))
+    info.add_argument("--engine", default=None, choices=("auto", "torch", "onnxruntime"),
+                      help="default: $CAI_ENGINE or auto (ONNX Runtime for AstroMAE on CPU)")
     info.set_defaults(func=_info)
     parser.set_defaults(func=lambda args: (parser.print_help(), 2)[1])
 
@@ -54,8 +56,9 @@ def _info(args: argparse.Namespace) -> int:
     from ..models.astromae import flops_per_image
     from ..models.registry import load_model
 
-    pred = load_model(args.name, weights=args.weights, mode=args.mode)
-    out = {"name": pred.name, "mode": pred.mode, "device": pred.device, "n_params": pred.n_params}
+    pred = load_model(args.name, weights=args.weights, mode=args.mode, engine=args.engine)
+    out = {"name": pred.name, "mode": pred.mode, "engine": pred.engine, "device": pred.device,
+           "n_params": pred.n_params}
     module = getattr(pred, "module", None)
     if module is not None:
         out["gflop_per_image"] = round(flops_per_image(module) / 1e9, 4)

@@ -1,17 +1,19 @@
-"""Inference preparation for the two modes.
+"""Inference preparation for the two modes, on two engines.
 
-* ``exact``: fp32 eval with mathematically equivalent rewrites only — BatchNorm folded into the preceding
-  convolution, attention through ``scaled_dot_product_attention``, channels-last (NHWC) convolutions and
-  pooling. Stays within 1e-6 of the
-  straightforward module (tested).
-* ``fast``: ``exact`` with the image branches' Linear layers (ViT blocks, ``head``, ``vit_mlp``,
-  ``mix.inception_mlp``: 85% of the FLOPs) quantised to int8 dynamically (int8 weights, activations
-  quantised per batch). The magnitude MLP and the fusion layers stay fp32: quantising them moved demo
-  redshifts by up to 8e-3, the image branches by < 1e-3. On CPUs this was the best
-  option measured (docs/model.md): bf16 autocast is 2x *slower* on CPUs without native bf16 (no AVX512-BF16 /
-  AMX), and ``torch.compile`` costs ~40 CPU-seconds per process. On CUDA, fast is bf16 autocast instead.
-  ``torch.compile`` is optional for either mode (``compile=True`` or ``CAI_COMPILE=1``): worth it for
-  long-lived workers, not for a Lambda cold start.
+Both modes start from the same rewrites, all mathematically exact: BatchNorm folded into its conv, Linear layers
+with no activation between them merged (``fold_linear_chains``), attention through one fused kernel.
+
+* ``exact``: fp32. Within 1e-6 of the straightforward module on either engine (tested).
+* ``fast``: the ViT blocks' matrix products in int8 (dynamic quantisation: int8 weights, activations quantised
+  per call); everything else fp32. Quantising the magnitude MLP, the fusion layers or the convolutions moved demo
+  redshifts by 6e-4 to 2e-2 (and the bias by 6%), the ViT blocks by < 1e-5.
+
+Engines (``choose_engine``): on CPU, AstroMAE runs on ONNX Runtime (``ort_engine.py``: fused attention, streams,
+2.6x / 4.2x the original loop here) when it is installed; torch (``scaled_dot_product_attention``, channels-last
+convolutions, ``torch.ao`` dynamic int8 Linear layers) runs everything else: CUDA (where ``fast`` is bf16
+autocast), plug-in modules, and ``compile=True`` / ``CAI_COMPILE=1`` (``torch.compile``: ~40 CPU-seconds per
+process, worth it only for long-lived workers). ``engine=`` or ``CAI_ENGINE`` forces one. bf16 on CPU was measured
+2x *slower* here (no AVX512-BF16/AMX); see docs/model.md for every alternative measured.
 """
 
 from __future__ import annotations

@@ -14,8 +14,8 @@ weights are read once per batch, not once per chunk). Parallelism is by streams:
 intra-op thread, called from ``threads`` Python threads on alternating chunks (ORT releases the GIL), which
 measured 20-40% faster on 2 cores than one call using 2 intra-op threads.
 
-Export and quantisation take ~3 s per process; ``CAI_ONNX_CACHE`` (a folder) keeps the result keyed by a hash of
-the weights and mode.
+Export and quantisation take ~2-3 s; the graphs are cached on disk (``cache_dir``) keyed by a hash of the weights,
+mode and library versions, so later processes load them in well under a second.
 """
 
 from __future__ import annotations
@@ -214,26 +214,43 @@ def _cache_key(module: nn.Module, mode: str) -> str:
     return h.hexdigest()[:32]
 
 
-def cached_graphs(module: nn.Module, mode: str, num_heads: int) -> tuple[bytes, bytes]:
-    """``build_graphs``, kept in the folder ``CAI_ONNX_CACHE`` when that is set."""
+def cache_dir() -> str | None:
+    """Where exported graphs are kept: ``$CAI_ONNX_CACHE``, else ``$XDG_CACHE_HOME/cosmicai/onnx`` (default
+    ``~/.cache/cosmicai/onnx``); ``CAI_ONNX_CACHE=off`` turns caching off."""
     folder = os.environ.get("CAI_ONNX_CACHE")
-    if not folder:
+    if folder:
+        return None if folder.lower() in ("off", "0", "none", "false") else folder
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "cosmicai", "onnx")
+
+
+def cached_graphs(module: nn.Module, mode: str, num_heads: int, refresh: bool = False) -> tuple[bytes, bytes]:
+    """``build_graphs``, kept in ``cache_dir()`` keyed by a hash of the weights, mode and library versions
+    (``refresh`` rebuilds). An unwritable cache (a read-only image, say) only costs the rebuild."""
+    folder = cache_dir()
+    if folder is None:
         return build_graphs(module, mode, num_heads)
     key = _cache_key(module, mode)
     paths = [os.path.join(folder, f"{key}-{part}.onnx") for part in ("features", "regress")]
-    if all(os.path.exists(p) for p in paths):
-        blobs = []
-        for p in paths:
-            with open(p, "rb") as fh:
-                blobs.append(fh.read())
-        return blobs[0], blobs[1]
+    if not refresh:
+        try:
+            blobs = []
+            for p in paths:
+                with open(p, "rb") as fh:
+                    blobs.append(fh.read())
+            return blobs[0], blobs[1]
+        except OSError:
+            pass
     graphs = build_graphs(module, mode, num_heads)
-    os.makedirs(folder, exist_ok=True)
-    for p, blob in zip(paths, graphs):
-        tmp = f"{p}.{os.getpid()}.tmp"
-        with open(tmp, "wb") as fh:
-            fh.write(blob)
-        os.replace(tmp, p)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        for p, blob in zip(paths, graphs):
+            tmp = f"{p}.{os.getpid()}.{threading.get_ident()}.tmp"
+            with open(tmp, "wb") as fh:
+                fh.write(blob)
+            os.replace(tmp, p)
+    except OSError:
+        pass
     return graphs
 
 
@@ -243,18 +260,21 @@ class OrtRunner:
     def __init__(self, module: nn.Module, mode: str, threads: int, num_heads: int):
         import onnxruntime as ort
 
-        features, regress = cached_graphs(module, mode, num_heads)
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.intra_op_num_threads = 1
         opts.inter_op_num_threads = 1
         opts.log_severity_level = 3
         providers = ["CPUExecutionProvider"]
-        try:
-            self._features = ort.InferenceSession(features, opts, providers=providers)
-            self._regress = ort.InferenceSession(regress, opts, providers=providers)
-        except Exception as exc:  # an ORT build without the contrib ops, say
-            raise ModelError(f"onnxruntime could not load the exported model: {exc}") from exc
+        for refresh in (False, True):  # a damaged cache entry is rebuilt once
+            features, regress = cached_graphs(module, mode, num_heads, refresh=refresh)
+            try:
+                self._features = ort.InferenceSession(features, opts, providers=providers)
+                self._regress = ort.InferenceSession(regress, opts, providers=providers)
+                break
+            except Exception as exc:  # an ORT build without the contrib ops, say
+                if refresh or cache_dir() is None:
+                    raise ModelError(f"onnxruntime could not load the exported model: {exc}") from exc
         self.n_features = int(self._regress.get_inputs()[0].shape[1])
         self.threads = max(1, threads)
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="cai-ort") if self.threads > 1 else None
