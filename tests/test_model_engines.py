@@ -158,3 +158,15 @@ def test_cai_model_info_names_the_engine(capsys):
     info = json.loads(capsys.readouterr().out)
     assert (info["engine"], info["mode"], info["n_params"], info["gflop_per_image"]) == ("torch", "fast", 15801025,
                                                                                           0.2192)
+
+
+def test_auto_falls_back_to_torch_when_the_export_fails(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("exporter exploded")
+
+    monkeypatch.setattr(ort_engine, "cached_graphs", broken)
+    with pytest.warns(RuntimeWarning, match="exporter exploded.*running on torch instead"):
+        pred = load_model("astromae-random", threads=1)
+    assert pred.engine == "torch" and pred.predict(*_inputs(2)).shape == (2,)
+    with pytest.raises(ModelError, match="engine 'onnxruntime' failed: exporter exploded"):
+        load_model("astromae-random", threads=1, engine="onnxruntime")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -132,7 +133,14 @@ def prepare(model: nn.Module, mode: str, device: torch.device, compile: bool | N
     if chosen == "onnxruntime":
         from .ort_engine import OrtRunner
 
-        return chosen, OrtRunner(model, mode, threads, _num_heads(model))
+        try:
+            return chosen, OrtRunner(model, mode, threads, _num_heads(model))
+        except Exception as exc:
+            if (engine or os.environ.get("CAI_ENGINE") or "auto") != "auto":
+                raise ModelError(f"engine 'onnxruntime' failed: {exc}") from exc
+            warnings.warn(f"ONNX Runtime engine unavailable ({exc}); running on torch instead", RuntimeWarning,
+                          stacklevel=2)
+            chosen = "torch"
     # NHWC convolutions and pools: the Inception branch's 3x3 max-pools are ~4x faster (same numbers)
     model = model.to(memory_format=torch.channels_last)
     if mode == "exact":
@@ -159,8 +167,6 @@ INT8_PREFIXES = ("blocks.", "head", "vit_mlp.", "mix.inception_mlp.")
 
 def quantize_linear(model: nn.Module, prefixes: tuple[str, ...]) -> nn.Module:
     """Dynamic int8 quantisation (CPU) of the nn.Linear layers of AstroMAE sub-modules named by ``prefixes``."""
-    import warnings
-
     from torch.ao.quantization import quantize_dynamic
 
     chosen = set()

@@ -21,6 +21,7 @@ mode and library versions, so later processes load them in well under a second.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import io
 import logging
 import os
@@ -76,8 +77,9 @@ def _export(module: nn.Module, args: tuple[torch.Tensor, ...], inputs: list[str]
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
         torch.onnx.register_custom_op_symbolic("aten::asinh", lambda g, x: g.op("Asinh", x), OPSET)
+        kwargs = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
         torch.onnx.export(module, args, buf, input_names=inputs, output_names=[output], dynamic_axes=dynamic,
-                          opset_version=OPSET, dynamo=False)
+                          opset_version=OPSET, **kwargs)  # the TorchScript exporter: no onnxscript needed
     return onnx.load_from_string(buf.getvalue())
 
 
