@@ -9,7 +9,7 @@ with no activation between them merged (``fold_linear_chains``), attention throu
   redshifts by 6e-4 to 2e-2 (and the bias by 6%), the ViT blocks by < 1e-5.
 
 Engines (``choose_engine``): on CPU, AstroMAE runs on ONNX Runtime (``ort_engine.py``: fused attention, streams,
-2.6x / 4.2x the original loop here) when it is installed; torch (``scaled_dot_product_attention``, channels-last
+2.0-2.6x / 3.2-4.2x the original loop here) when it is installed; torch (``scaled_dot_product_attention``, channels-last
 convolutions, ``torch.ao`` dynamic int8 Linear layers) runs everything else: CUDA (where ``fast`` is bf16
 autocast), plug-in modules, and ``compile=True`` / ``CAI_COMPILE=1`` (``torch.compile``: ~40 CPU-seconds per
 process, worth it only for long-lived workers). ``engine=`` or ``CAI_ENGINE`` forces one. bf16 on CPU was measured
