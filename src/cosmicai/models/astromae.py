@@ -168,7 +168,8 @@ def inception_stack(in_chans: int) -> nn.Sequential:
 
 
 class MixBranch(nn.Module):
-    """The CNN image branch and the magnitude MLP (the original's ``Input_Mix_Model`` role)."""
+    """The CNN image branch and the magnitude MLP (the original's ``Input_Mix_Model`` role); a container of
+    parameters: ``AstroMAE.image_features`` runs ``inception`` and ``AstroMAE.regress`` the two MLPs."""
 
     def __init__(self, cfg: AstroMAEConfig):
         super().__init__()
@@ -180,9 +181,6 @@ class MixBranch(nn.Module):
         for _ in range(4):
             layers += [nn.ReLU(), nn.Linear(cfg.mag_dim, cfg.mag_dim)]
         self.mag_mlp = nn.Sequential(*layers)
-
-    def forward(self, images: torch.Tensor, magnitudes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.inception_mlp(self.inception(images)), self.mag_mlp(magnitudes)
 
 
 # --------------------------------------------------------------------------- the whole model

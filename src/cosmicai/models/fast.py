@@ -129,14 +129,15 @@ def prepare(model: nn.Module, mode: str, device: torch.device, compile: bool | N
     _set_fused(model, True)
     if compile is None:
         compile = os.environ.get("CAI_COMPILE", "") not in ("", "0", "false", "no")
-    chosen = choose_engine(model, device, engine, compile)
+    requested = engine or os.environ.get("CAI_ENGINE") or "auto"
+    chosen = choose_engine(model, device, requested, compile)
     if chosen == "onnxruntime":
         from .ort_engine import OrtRunner
 
         try:
             return chosen, OrtRunner(model, mode, threads, _num_heads(model))
         except Exception as exc:
-            if (engine or os.environ.get("CAI_ENGINE") or "auto") != "auto":
+            if requested != "auto":
                 raise ModelError(f"engine 'onnxruntime' failed: {exc}") from exc
             warnings.warn(f"ONNX Runtime engine unavailable ({exc}); running on torch instead", RuntimeWarning,
                           stacklevel=2)
