@@ -19,6 +19,14 @@
     ``cosmicai.data.synth.synthesize`` when that module exists, else random but valid arrays (images in
     [0, 1), magnitudes 15-24, redshift 0-0.4). Treat it as read-only.
 
+``authors_checkpoints`` (session)
+    Folder of checkpoints saved the authors' way from the randomised oracle of their code
+    (tests/astromae_original/make_checkpoints.py, run in a subprocess), and ``forward.npz``, its own forward.
+
+``authors_weights`` (session)
+    Path of those weights imported with ``cai model import-cai`` (safetensors, cosmicai names). Fast mode
+    deviates from exact by more than the 2e-3 tolerance on them (random weights and BatchNorm statistics).
+
 ``random_partition`` (function)
     A factory ``random_partition(n, seed=0, first_id=0, redshift=True) -> Partition`` of random but valid
     arrays (no galsim; instant).
@@ -69,6 +77,28 @@ def s3_server():
 def s3_url(s3_server) -> str:
     """A fresh ``s3://bucket/prefix`` for one test."""
     return s3_server.url(f"t-{uuid.uuid4().hex[:10]}")
+
+
+@pytest.fixture(scope="session")
+def authors_checkpoints(tmp_path_factory):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path_factory.mktemp("authors")
+    script = Path(__file__).parent / "astromae_original" / "make_checkpoints.py"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    subprocess.run([sys.executable, str(script), str(out)], check=True, env=env, capture_output=True, timeout=300)
+    return out
+
+
+@pytest.fixture(scope="session")
+def authors_weights(authors_checkpoints, tmp_path_factory):
+    from cosmicai.cli import main
+
+    out = tmp_path_factory.mktemp("imported") / "astromae.safetensors"
+    assert main(["model", "import-cai", str(authors_checkpoints / "whole_cpu.pt"), "--out", str(out)]) == 0
+    return out
 
 
 def make_random_partition(n: int, seed: int = 0, first_id: int = 0, redshift: bool = True):

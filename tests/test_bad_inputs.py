@@ -347,7 +347,7 @@ API_CASES: list[Bad] = [
         UnsafePickleError, ("{tmp}/evil-ckpt.pt", "refusing to unpickle global", "system")),
     Bad("pickle-weights-raw-pickle", "load_model(weights=)",
         lambda c: _load_weights(c, "evil.pkl", pickle.dumps(_Payload(exec, _exec_src(c.marker)))),
-        ModelError, ("{tmp}/evil.pkl", "not a safetensors file")),
+        ModelError, ("{tmp}/evil.pkl", "a raw Python pickle", "nothing was executed")),
     Bad("pickle-disguised-as-partition", "read_partition",
         lambda c: (lambda p: lambda: read_partition(str(p)))(
             _write(c, "x.safetensors", pickle.dumps(_Payload(os.system, _touch_cmd(c.marker))))),
@@ -357,16 +357,16 @@ API_CASES: list[Bad] = [
         ModelError, ("cannot read weights '{tmp}/none.safetensors'",)),
     Bad("weights-not-safetensors", "load_model(weights=)",
         lambda c: _load_weights(c, "w.safetensors", b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!"),
-        ModelError, ("{tmp}/w.safetensors", "not a safetensors file")),
+        ModelError, ("{tmp}/w.safetensors", "not a checkpoint", "import-cai")),
     Bad("weights-foreign-keys", "load_model(weights=)",
         lambda c: _load_weights(c, "w.safetensors", st_save({"encoder.weight": np.zeros((2, 2), np.float32)})),
-        ModelError, ("{tmp}/w.safetensors", "weights do not fit the model", "missing key(s)",
-                     "1 unexpected key(s): encoder.weight")),
+        ModelError, ("{tmp}/w.safetensors", "checkpoint does not fit AstroMAE", "missing tensor(s)",
+                     "1 unexpected tensor(s) (no such name in the cosmicai AstroMAE): encoder.weight")),
     Bad("weights-wrong-shape", "load_model(weights=)",
         lambda c: _load_weights(c, "w.safetensors", _weights_with(
             lambda s: s.update({k: s[k][:-1].clone() for k in [next(k for k in s if k.endswith("fc.2.weight")
                                                                         or k.endswith("head.weight"))]}))),
-        ModelError, ("{tmp}/w.safetensors", "weight(s) have the wrong shape")),
+        ModelError, ("{tmp}/w.safetensors", "tensor(s) with the wrong shape")),
     Bad("weights-nan", "load_model(weights=)",
         lambda c: _load_weights(c, "w.safetensors", _weights_with(
             lambda s: s.update({k: s[k].clone().fill_(float("nan")) for k in [next(iter(s))]}))),

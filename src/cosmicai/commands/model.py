@@ -37,8 +37,9 @@ def _import_cai(args: argparse.Namespace) -> int:
     from .. import storage
     from ..models.convert import import_checkpoint
 
-    blob = import_checkpoint(storage.read_bytes(args.checkpoint), args.checkpoint)
+    blob, report = import_checkpoint(storage.read_bytes(args.checkpoint), args.checkpoint)
     storage.write_bytes(args.out, blob)
+    print(f"{args.checkpoint}: {report.summary()}")
     print(f"wrote {args.out} ({len(blob) / 1e6:.1f} MB); load it with load_model('astromae', weights='{args.out}')")
     return 0
 

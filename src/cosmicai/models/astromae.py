@@ -5,16 +5,16 @@ Three branches are fused into one redshift:
 * a ViT encoder (img 32, patch 8, 5 bands, dim 192, depth 12, 3 heads, MLP ratio 4, LayerNorm eps 1e-6;
   cls + 16 patch tokens, mean of the patch tokens, ``fc_norm``) followed by ``head`` Linear(192,192) and
   ``vit_mlp`` Linear(192,1096)-ReLU-Linear(1096,1096);
-* an Inception CNN (``mix.inception``) on the same image, flattened to 192 and mapped by ``mix.inception_mlp``
-  to 1096 features;
+* an Inception CNN (``mix.inception``: a bare 1x1 Conv2d 5->32, then Inception blocks whose convs are
+  Conv+BatchNorm+ReLU) on the same image, flattened to 192 and mapped by ``mix.inception_mlp`` to 1096 features;
 * a magnitude MLP (``mix.mag_mlp``) 5 -> 1024;
 
-``fusion`` maps the 3216 concatenated features to one value. The ViT parameters use timm 0.4.12 names
-(``patch_embed.proj``, ``cls_token``, ``pos_embed``, ``blocks.N.*``, ``fc_norm``, ``head``) so the original
-checkpoint's keys map directly.
+``fusion`` maps the 3216 concatenated features to one value. This is the authors' ``ViT_Astro`` layer for layer
+(github mstaylor/AI-for-Astronomy, ``blocks/model_vit_inception.py`` and ``blocks/photoz.py``); their state-dict
+names map onto ours in ``convert.py`` (table in docs/model.md). The ViT keeps timm 0.4.12's names.
 
 Cost (measured by ``torch.utils.flop_counter.FlopCounterMode``, which counts 2 FLOPs per multiply-add):
-15.80 M parameters and 0.219 GFLOP per image.
+15,800,961 parameters and 0.219 GFLOP per image.
 """
 
 from __future__ import annotations
@@ -139,28 +139,33 @@ def inception_widths(cout: int, with_5x5: bool) -> dict[str, int]:
 
 
 class InceptionBlock(nn.Module):
-    """GoogLeNet-style block: 1x1 | 1x1->3x3 | 1x1->5x5 (optional) | maxpool3->1x1, concatenated."""
+    """GoogLeNet-style block: 1x1 | 1x1->3x3 | 1x1->5x5 (optional) | maxpool3->1x1, concatenated in that order.
+
+    The authors' ``blocks.photoz.InceptionBlock`` names these ``branch1 .. branch4``; their last block builds the
+    5x5 branch but its forward skips it (``is_custom``), so ours does not build it (``with_5x5=False``)."""
 
     def __init__(self, cin: int, cout: int, with_5x5: bool = True):
         super().__init__()
         w = inception_widths(cout, with_5x5)
-        self.branch1 = ConvBlock(cin, w["b1"], 1)
-        self.branch3 = nn.Sequential(ConvBlock(cin, w["r3"], 1), ConvBlock(w["r3"], w["b3"], 3))
-        self.branch5 = nn.Sequential(ConvBlock(cin, w["r5"], 1), ConvBlock(w["r5"], w["b5"], 5)) if with_5x5 else None
+        self.branch1x1 = ConvBlock(cin, w["b1"], 1)
+        self.branch3x3 = nn.Sequential(ConvBlock(cin, w["r3"], 1), ConvBlock(w["r3"], w["b3"], 3))
+        self.branch5x5 = (nn.Sequential(ConvBlock(cin, w["r5"], 1), ConvBlock(w["r5"], w["b5"], 5))
+                          if with_5x5 else None)
         self.branch_pool = nn.Sequential(nn.MaxPool2d(3, stride=1, padding=1), ConvBlock(cin, w["pool"], 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        outs = [self.branch1(x), self.branch3(x)]
-        if self.branch5 is not None:
-            outs.append(self.branch5(x))
+        outs = [self.branch1x1(x), self.branch3x3(x)]
+        if self.branch5x5 is not None:
+            outs.append(self.branch5x5(x))
         outs.append(self.branch_pool(x))
         return torch.cat(outs, dim=1)
 
 
 def inception_stack(in_chans: int) -> nn.Sequential:
-    """Conv1x1 5->32, pool, 32->64, 64->64, pool, 64->32, 32->32, pool, 32->12 (no 5x5), flatten (192)."""
+    """A bare Conv2d 1x1 5->32 (no BatchNorm, no ReLU: the authors' ``conv2d_init``), pool, 32->64, 64->64, pool,
+    64->32, 32->32, pool, 32->12 (no 5x5), flatten (192). Pools are AvgPool2d(2)."""
     return nn.Sequential(
-        ConvBlock(in_chans, 32, 1), nn.AvgPool2d(2),
+        nn.Conv2d(in_chans, 32, 1), nn.AvgPool2d(2),
         InceptionBlock(32, 64), InceptionBlock(64, 64), nn.AvgPool2d(2),
         InceptionBlock(64, 32), InceptionBlock(32, 32), nn.AvgPool2d(2),
         InceptionBlock(32, 12, with_5x5=False), nn.Flatten(1),

@@ -8,19 +8,25 @@ builtins are allowed, and every class is replaced by a neutral stand-in that onl
 other global raises :class:`~cosmicai.errors.UnsafePickleError` naming it, before anything is executed.
 
 The state dict is then taken from the stand-ins (the same walk ``nn.Module.state_dict`` does), ``module.`` is
-stripped, and keys are mapped onto ours: equal names directly (the ViT keeps timm's names), the rest in
-order where the shapes agree.
+stripped, and every key is mapped onto ours BY NAME (:func:`map_state_dict`; the table is in docs/model.md):
+the ViT keeps timm's names, ``vit_block`` -> ``vit_mlp``, ``concat_block`` -> ``fusion``,
+``inception_model.*`` -> ``mix.*``. Only the tensors AstroMAE has no place for are dropped, and named: the 5x5
+branch the authors' last Inception block builds but never runs, and ``vis_inception.0``, a second name of
+``conv2d_init``. Anything else missing, extra or of the wrong shape is refused; nothing is paired by order.
 """
 
 from __future__ import annotations
 
 import io
 import pickle
+import re
 import zipfile
 from collections import OrderedDict
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import nn
 
 from ..errors import ModelError, UnsafePickleError
 from .weights_io import InputNorm, load_safetensors
@@ -181,43 +187,229 @@ def strip_module_prefix(state: dict[str, torch.Tensor]) -> OrderedDict[str, torc
     return OrderedDict((k.removeprefix("module."), v) for k, v in state.items())
 
 
-def map_keys(state: dict[str, torch.Tensor], target: dict[str, torch.Tensor], source: str = "checkpoint"
-             ) -> OrderedDict[str, torch.Tensor]:
-    """Map ``state`` keys onto ``target``'s: equal names first, then the rest pairwise in order if shapes agree.
+# --------------------------------------------------------------------------- the authors' names -> ours
 
-    Raises ModelError listing the missing and unexpected keys when they cannot be paired.
-    """
+#: (our name, the authors' name) as full-match regex and substitution; the first pattern that matches wins. The
+#: ViT (cls_token, pos_embed, patch_embed, blocks.N, fc_norm, head) keeps timm 0.4.12's names on both sides.
+_OURS_TO_AUTHORS: list[tuple[str, str]] = [
+    (r"mix\.inception\.0\.(weight|bias)", r"inception_model.conv2d_init.\1"),
+    (r"mix\.inception\.(\d+)\.branch1x1\.(.+)", r"inception_model.vis_inception.\1.branch1.\2"),
+    (r"mix\.inception\.(\d+)\.branch3x3\.(.+)", r"inception_model.vis_inception.\1.branch2.\2"),
+    (r"mix\.inception\.(\d+)\.branch5x5\.(.+)", r"inception_model.vis_inception.\1.branch3.\2"),
+    (r"mix\.inception\.(\d+)\.branch_pool\.(.+)", r"inception_model.vis_inception.\1.branch4.\2"),
+    (r"mix\.inception_mlp\.0\.(.+)", r"inception_model.vis_inception.10.\1"),
+    (r"mix\.inception_mlp\.2\.(.+)", r"inception_model.vis_inception.12.\1"),
+    (r"mix\.mag_mlp\.(\d+)\.(.+)", r"inception_model.magnitude_block.\1.\2"),
+    (r"vit_mlp\.(\d+)\.(.+)", r"vit_block.\1.\2"),
+    (r"fusion\.(\d+)\.(.+)", r"concat_block.\1.\2"),
+    (r"(cls_token|pos_embed|patch_embed\..+|blocks\.\d+\..+|fc_norm\..+|head\..+)", r"\1"),
+]
+
+#: Prefixes that only the authors' layout has (a checkpoint with any of them is read in their names).
+AUTHORS_PREFIXES = ("inception_model.", "vit_block.", "concat_block.")
+
+DUPLICATE_REASON = ("the same Conv2d as inception_model.conv2d_init: the authors register one module under both "
+                    "names, so the checkpoint stores it twice")
+UNUSED_REASON = ("built by the authors' last Inception block (is_custom) but skipped by its forward, so it never "
+                 "affects a prediction")
+
+
+def authors_name(ours: str) -> str:
+    """The authors' state-dict name (without ``module.``) of one of our state-dict keys."""
+    for pattern, repl in _OURS_TO_AUTHORS:
+        if re.fullmatch(pattern, ours):
+            return re.sub(pattern, repl, ours)
+    raise KeyError(f"no authors' name for '{ours}'")
+
+
+def known_unused(net: nn.Module) -> dict[str, str]:
+    """Regex (authors' names) -> reason, for the tensors their checkpoint holds that AstroMAE has no place for."""
+    from .astromae import AstroMAE, InceptionBlock
+
+    model = next(m for m in net.modules() if isinstance(m, AstroMAE))
+    out = {r"inception_model\.vis_inception\.0\.(weight|bias)": DUPLICATE_REASON}
+    for i, block in enumerate(model.mix.inception):
+        if isinstance(block, InceptionBlock) and block.branch5x5 is None:
+            out[rf"inception_model\.vis_inception\.{i}\.branch3\..+"] = UNUSED_REASON
+    return out
+
+
+@dataclass
+class ImportReport:
+    """What an import did: the naming scheme read, tensors mapped, and tensors dropped with the reason."""
+
+    scheme: str  # 'authors' (ViT_Astro names) or 'cosmicai' (ours)
+    mapped: int = 0
+    dropped: dict[str, str] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        text = f"read {self.mapped} tensor(s) in the {self.scheme} naming"
+        if self.dropped:
+            by_reason: dict[str, list[str]] = {}
+            for name, reason in self.dropped.items():
+                by_reason.setdefault(reason, []).append(name)
+            text += "; dropped " + "; ".join(f"{len(v)} tensor(s) {', '.join(v)} ({r})" for r, v in by_reason.items())
+        return text
+
+
+def _group_missing(keys: list[str], depth: int) -> list[str]:
+    """Missing keys, with whole ViT blocks shown as one entry."""
+    by_block: dict[int, list[str]] = {}
+    rest = []
+    for k in keys:
+        m = re.fullmatch(r"blocks\.(\d+)\..+", k)
+        if m:
+            by_block.setdefault(int(m.group(1)), []).append(k)
+        else:
+            rest.append(k)
+    whole = sorted(b for b, ks in by_block.items() if len(ks) == _BLOCK_TENSORS)
+    out = []
+    if whole:
+        out.append(f"ViT block(s) {', '.join(map(str, whole))} (blocks.N.*, {_BLOCK_TENSORS} tensors each; "
+                   f"AstroMAE has {depth} blocks, blocks.0 to blocks.{depth - 1})")
+    for b, ks in sorted(by_block.items()):
+        if b not in whole:
+            out.extend(ks)
+    return out + rest
+
+
+_BLOCK_TENSORS = 12  # norm1 (2), attn.qkv (2), attn.proj (2), norm2 (2), mlp.fc1 (2), mlp.fc2 (2)
+
+
+def map_state_dict(state: dict[str, torch.Tensor], net: nn.Module, source: str = "checkpoint"
+                   ) -> tuple[OrderedDict[str, torch.Tensor], ImportReport]:
+    """Map ``state`` onto ``net``'s state-dict names, by name only (never by order or shape).
+
+    ``state`` may be in the authors' names (``ViT_Astro``: ``inception_model.*``, ``vit_block.*``,
+    ``concat_block.*``) or ours, with or without DataParallel's ``module.`` prefix. Only the known-unused tensors
+    of the authors' checkpoint are dropped (named in the report). Any missing, unexpected or wrong-shape tensor
+    raises ModelError naming every one and what was expected."""
     state = strip_module_prefix(state)
+    target = net.state_dict()
+    authors = any(k.startswith(AUTHORS_PREFIXES) for k in state)
+    report = ImportReport("authors" if authors else "cosmicai")
+    expected = {authors_name(k) if authors else k: k for k in target}  # checkpoint name -> our name
+    unused = known_unused(net) if authors else {}
     out: OrderedDict[str, torch.Tensor] = OrderedDict()
-    for k in target:
-        if k in state and tuple(state[k].shape) == tuple(target[k].shape):
-            out[k] = state[k]
-    rest_src = [k for k in state if k not in out]
-    rest_dst = [k for k in target if k not in out]
-    paired = len(rest_src) == len(rest_dst) and all(
-        tuple(state[a].shape) == tuple(target[b].shape) for a, b in zip(rest_src, rest_dst))
-    if not paired:
-        raise ModelError(f"{source}: checkpoint keys do not fit AstroMAE: {len(rest_dst)} missing key(s): "
-                         f"{', '.join(rest_dst[:20])}; {len(rest_src)} unexpected key(s): {', '.join(rest_src[:20])}")
-    for a, b in zip(rest_src, rest_dst):
-        out[b] = state[a]
-    return OrderedDict((k, out[k]) for k in target)
+    unexpected, wrong = [], []
+    for name, tensor in state.items():
+        ours = expected.get(name)
+        if ours is None:
+            reason = next((r for pat, r in unused.items() if re.fullmatch(pat, name)), None)
+            if reason is None:
+                unexpected.append(name)
+            else:
+                report.dropped[name] = reason
+            continue
+        if tuple(tensor.shape) != tuple(target[ours].shape):
+            wrong.append(f"{name} {tuple(tensor.shape)} (expected {tuple(target[ours].shape)})")
+        out[ours] = tensor
+    if authors:
+        _check_duplicate(state, out, report, source)
+    missing = [name for name, ours in expected.items() if ours not in out]
+    problems = []
+    if missing:
+        depth = sum(1 for k in target if re.fullmatch(r"blocks\.\d+\.norm1\.weight", k))
+        problems.append(f"{len(missing)} missing tensor(s): {', '.join(_group_missing(missing, depth))}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected tensor(s) (no such name in the "
+                        f"{'authors' if authors else 'cosmicai'} AstroMAE): {', '.join(unexpected)}")
+    if wrong:
+        problems.append(f"{len(wrong)} tensor(s) with the wrong shape: {', '.join(wrong)}")
+    if problems:
+        kind = "the authors' ViT_Astro" if authors else "cosmicai's AstroMAE"
+        raise ModelError(f"{source}: checkpoint does not fit AstroMAE (read in {kind} names): " + "; ".join(problems))
+    report.mapped = len(out)
+    return OrderedDict((k, out[k]) for k in target), report
 
 
-def _is_zip(data: bytes) -> bool:
-    return data[:4] == b"PK\x03\x04"
+def _check_duplicate(state: dict[str, torch.Tensor], out: dict[str, torch.Tensor], report: ImportReport,
+                     source: str) -> None:
+    """``conv2d_init`` and ``vis_inception.0`` are one module in the authors' model: they must hold equal tensors.
+    A checkpoint with only one of the two names is read from the one it has."""
+    for suffix in ("weight", "bias"):
+        init, seq = f"inception_model.conv2d_init.{suffix}", f"inception_model.vis_inception.0.{suffix}"
+        if init in state and seq in state:
+            if state[init].shape != state[seq].shape or not torch.equal(state[init], state[seq]):
+                raise ModelError(f"{source}: {seq} differs from {init}; in the authors' model they are one tensor, "
+                                 "so this checkpoint was not saved from their code (or was edited)")
+        elif seq in state:
+            out[f"mix.inception.0.{suffix}"] = state[seq]
+            report.dropped.pop(seq, None)
 
 
-def state_from_bytes(data: bytes, source: str = "weights") -> tuple[dict[str, torch.Tensor], InputNorm]:
-    """State dict (our key names) and input normalisation from safetensors, a plain .pt state dict, or the
-    original pickled full-model checkpoint."""
-    from .astromae import AstroMAE
+def map_keys(state: dict[str, torch.Tensor], target: nn.Module, source: str = "checkpoint"
+             ) -> OrderedDict[str, torch.Tensor]:
+    """:func:`map_state_dict` without the report."""
+    return map_state_dict(state, target, source)[0]
 
-    if not _is_zip(data):
-        from .weights_io import NORM_KEY
 
+#: ``torch.save``'s legacy (pre-1.6, non-zip) files start with this number, pickled with protocol 2.
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+_USE = ("give the safetensors file written by `cai model import-cai`, or the authors' .pt checkpoint "
+        "(Mixed_Inception_z_VITAE_Base_Img_Full_New_Full.pt)")
+
+
+def file_kind(data: bytes) -> str:
+    """What a weights file is, from its first bytes: 'empty', 'safetensors', 'safetensors-truncated',
+    'torch-zip', 'torch-legacy', 'pickle' or 'unknown'."""
+    if not data:
+        return "empty"
+    if data[:4] == b"PK\x03\x04":
+        return "torch-zip"
+    if data[:4] == b"\x80\x02\x8a\x0a" and int.from_bytes(data[4:14], "little") == _LEGACY_MAGIC:
+        return "torch-legacy"
+    if len(data) > 1 and data[0] == 0x80 and 2 <= data[1] <= 5:
+        return "pickle"
+    if len(data) >= 9 and data[8:9] == b"{":
+        n = int.from_bytes(data[:8], "little")
+        return "safetensors" if n <= len(data) - 8 else "safetensors-truncated"
+    return "unknown"
+
+
+def _refuse_kind(kind: str, data: bytes, source: str) -> None:
+    """Raise the ModelError that says what the file is and what to do, for kinds that hold no weights."""
+    if kind == "empty":
+        raise ModelError(f"{source}: the file is empty (0 bytes), not a checkpoint; the copy or download was "
+                         "probably interrupted: fetch it again")
+    if kind == "safetensors-truncated":
+        n = int.from_bytes(data[:8], "little")
+        raise ModelError(f"{source}: truncated safetensors file (its header needs {n} bytes, the file has "
+                         f"{len(data) - 8} after the length field); the copy is incomplete: fetch it again")
+    if kind == "torch-legacy":
+        raise ModelError(f"{source}: a legacy (torch < 1.6, non-zip) checkpoint; reading one needs full "
+                         "unpickling, which cosmicai never does. In a trusted environment, re-save it in the zip "
+                         "format with torch >= 1.6 (torch.save(torch.load(path, weights_only=False), new_path)), "
+                         "then import that")
+    if kind == "pickle":
+        raise ModelError(f"{source}: a raw Python pickle, not a torch checkpoint or safetensors weights; refused "
+                         f"unread (nothing was executed); {_USE}")
+    if kind == "unknown":
+        raise ModelError(f"{source}: not a checkpoint: neither safetensors weights, a torch zip checkpoint nor a "
+                         f"pickle (first bytes {data[:8]!r}); {_USE}")
+
+
+def read_checkpoint(data: bytes, source: str = "weights"
+                    ) -> tuple[OrderedDict[str, torch.Tensor], InputNorm, ImportReport]:
+    """State dict (our names), input normalisation and import report, from safetensors weights, a plain ``.pt``
+    state dict (ours or the authors', with or without ``module.``), or the authors' pickled full-model
+    checkpoint (read with the restricted unpickler). Damaged or foreign files raise ModelError saying what
+    the file is and what to do."""
+    from .astromae import build_astromae
+    from .weights_io import NORM_KEY
+
+    kind = file_kind(data)
+    _refuse_kind(kind, data, source)
+    net = build_astromae()
+    if kind == "safetensors":
         tensors, meta = load_safetensors(data, source)
-        return strip_module_prefix(tensors), InputNorm.from_json(meta.get(NORM_KEY), source)
+        state, report = map_state_dict(tensors, net, source)
+        return state, InputNorm.from_json(meta.get(NORM_KEY), source), report
+    try:
+        zipfile.ZipFile(io.BytesIO(data)).testzip()
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:  # testzip re-reads and CRC-checks members
+        raise ModelError(f"{source}: a damaged or truncated torch checkpoint (its zip archive cannot be read: "
+                         f"{exc}); the copy is incomplete or corrupt: fetch it again") from exc
     obj = None
     try:
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
@@ -232,16 +424,25 @@ def state_from_bytes(data: bytes, source: str = "weights") -> tuple[dict[str, to
         if isinstance(obj, StandIn):
             obj = stand_in_state_dict(obj)
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ModelError(f"{source}: holds a {type(obj).__name__}, not a model or a state dict of tensors")
-    return map_keys(obj, AstroMAE().state_dict(), source), InputNorm()
+        raise ModelError(f"{source}: holds a {type(obj).__name__}, not a model or a state dict of tensors; {_USE}")
+    state, report = map_state_dict(obj, net, source)
+    return state, InputNorm(), report
 
 
-def import_checkpoint(data: bytes, source: str = "checkpoint") -> bytes:
-    """Convert the original checkpoint (or a .pt state dict) into our safetensors weights (fp32)."""
+def state_from_bytes(data: bytes, source: str = "weights") -> tuple[dict[str, torch.Tensor], InputNorm]:
+    """:func:`read_checkpoint` without the report."""
+    state, norm, _ = read_checkpoint(data, source)
+    return state, norm
+
+
+def import_checkpoint(data: bytes, source: str = "checkpoint") -> tuple[bytes, ImportReport]:
+    """Convert the authors' checkpoint (or a .pt state dict) into our safetensors weights (fp32); returns the
+    bytes and the report naming what was mapped and dropped."""
     from .astromae import build_astromae
     from .weights_io import load_into, save_weights
 
-    state, norm = state_from_bytes(data, source)
+    state, norm, report = read_checkpoint(data, source)
     net = build_astromae()
     load_into(net, state, source)
-    return save_weights(net.state_dict(), norm, extra_meta={"imported_from": source})
+    meta = {"imported_from": source, "import_scheme": report.scheme, "import_dropped": sorted(report.dropped)}
+    return save_weights(net.state_dict(), norm, extra_meta=meta), report

@@ -25,6 +25,7 @@ import inspect
 import io
 import logging
 import os
+import sys
 import tempfile
 import threading
 import warnings
@@ -211,10 +212,22 @@ def _cache_key(module: nn.Module, mode: str) -> str:
     import onnxruntime
 
     h = hashlib.sha256(f"{mode} {OPSET} {torch.__version__} {onnxruntime.__version__}".encode())
+    h.update(_code_digest())  # a change to the network or its rewrites invalidates every cached graph
     for name, t in module.state_dict().items():
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:32]
+
+
+def _code_digest() -> bytes:
+    """sha256 of the source of the network, its inference rewrites and this exporter."""
+    from . import astromae, fast
+
+    h = hashlib.sha256()
+    for mod in (astromae, fast, sys.modules[__name__]):
+        with open(mod.__file__, "rb") as fh:
+            h.update(fh.read())
+    return h.digest()
 
 
 def cache_dir() -> str | None:
