@@ -31,7 +31,9 @@ LEGACY_UNUSED = ("object_type", "S3_object_name", "script")
 LOADER_KEYS = ("bucket_root", "bucket_map")
 #: Config fields that change what a run computes; only these enter the plan (and its hash).
 PLAN_FIELDS = ("data", "result", "model", "weights", "batch_size", "file_limit", "world_size", "mode", "device",
-               "drop_nonfinite")
+               "drop_nonfinite", "fast_guard")
+#: What a fast-mode run does when fast and exact disagree on its weights (cosmicai.models.guard).
+FAST_GUARDS = ("fallback", "strict", "off")
 
 
 @dataclass
@@ -46,6 +48,7 @@ class RunConfig:
     file_limit: int | None = None
     world_size: int | None = None
     mode: str = "exact"
+    fast_guard: str = "fallback"
     device: str = "cpu"
     workers: int | None = None
     threads: int | None = None
@@ -69,7 +72,7 @@ class RunConfig:
 FIELDS = tuple(f.name for f in dataclasses.fields(RunConfig))
 _INT_FIELDS = {"batch_size": 1, "file_limit": 1, "world_size": 1, "workers": 1, "threads": 1}
 _BOOL_FIELDS = ("allow_failures", "drop_nonfinite", "prefetch", "overwrite")
-_STR_FIELDS = ("data", "result", "model", "weights", "mode", "device", "backend", "scheduler", "endpoint")
+_STR_FIELDS = ("data", "result", "model", "weights", "mode", "fast_guard", "device", "backend", "scheduler", "endpoint")
 
 
 def is_legacy_payload(raw: dict[str, Any]) -> bool:
@@ -217,6 +220,9 @@ def _build(values: dict[str, Any], origin: str) -> RunConfig:
             raise ConfigError(f"{origin}: '{key}' must be a string, got {values[key]!r}")
     if values.get("mode", "exact") not in MODES:
         raise ConfigError(f"{origin}: 'mode' must be one of {'|'.join(MODES)}, got {values['mode']!r}")
+    if values.get("fast_guard", "fallback") not in FAST_GUARDS:
+        raise ConfigError(f"{origin}: 'fast_guard' must be one of {'|'.join(FAST_GUARDS)}, "
+                          f"got {values['fast_guard']!r}")
     if "backend_options" in values and not isinstance(values["backend_options"], dict):
         raise ConfigError(f"{origin}: 'backend_options' must be an object")
     return RunConfig(**values)

@@ -27,6 +27,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--file-limit", type=int, dest="file_limit", help="use only the first N partitions")
     p.add_argument("--world-size", type=int, dest="world_size", help="number of ranks (default: one per partition)")
     p.add_argument("--mode", choices=("exact", "fast"))
+    p.add_argument("--fast-guard", choices=("fallback", "strict", "off"), dest="fast_guard",
+                   help="fast mode only: compare fast and exact on 256 rows first; over |dz| 2e-3 'fallback' "
+                        "(default) predicts in exact mode, 'strict' refuses, 'off' skips the check")
     p.add_argument("--device", help="cpu, cuda, cuda:N (default cpu)")
     p.add_argument("--workers", type=int, help="local worker processes (default: the cores)")
     p.add_argument("--threads", type=int, help="torch threads per worker (default: cores // workers)")
@@ -79,7 +82,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     if args.endpoint:
         os.environ["CAI_S3_ENDPOINT"] = args.endpoint
-    keys = ("data", "result", "model", "weights", "batch_size", "file_limit", "world_size", "mode", "device",
+    keys = ("data", "result", "model", "weights", "batch_size", "file_limit", "world_size", "mode", "fast_guard",
+            "device",
             "workers", "threads", "backend", "scheduler", "endpoint", "allow_failures", "overwrite",
             "drop_nonfinite", "prefetch", "bucket_root")
     config, unused = load_config(args.config, **{k: getattr(args, k) for k in keys})

@@ -14,6 +14,7 @@ import platform
 import socket
 import time
 import traceback
+import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime, timezone
 from typing import Any
@@ -59,8 +60,46 @@ def get_model(model: str, weights: str | None, device: str, mode: str) -> tuple[
 
 
 def clear_model_cache() -> None:
-    """Forget cached models (tests; frees memory)."""
+    """Forget cached models and fast-mode checks (tests; frees memory)."""
     _MODELS.clear()
+    _FAST_CHECKS.clear()
+
+
+_FAST_CHECKS: dict[tuple, Any] = {}
+
+
+def checked_model(cfg: dict[str, Any], first: Any, sample: str) -> tuple[Any, bool, float, dict[str, Any] | None]:
+    """The predictor a rank uses: (predictor, loaded_now, load seconds, fast-mode check or None).
+
+    In fast mode the guard (:mod:`cosmicai.models.guard`) compares fast and exact once per process and weights,
+    on the first rows of ``first`` (the rank's first partition); when they disagree beyond the tolerance the
+    exact predictor is returned (policy ``fallback``) or ModelError raised (``strict``)."""
+    from ..models.guard import calibrate, unchecked
+
+    predictor, cold, load_s = get_model(cfg["model"], cfg.get("weights"), cfg["device"], cfg["mode"])
+    if cfg["mode"] != "fast":
+        return predictor, cold, load_s, None
+    policy = cfg.get("fast_guard") or "fallback"
+    key = (cfg["model"], cfg.get("weights"), cfg["device"], _WORKER_THREADS, policy)
+    check = _FAST_CHECKS.get(key)
+    if check is None:
+        if policy == "off":
+            check = unchecked()
+        else:
+            images, mags = first.images, first.magnitudes  # non-finite rows come back NaN and are not compared
+            exact, _, exact_load = get_model(cfg["model"], cfg.get("weights"), cfg["device"], "exact")
+            check = calibrate(predictor, exact, images, mags, policy=policy, sample=sample,
+                              batch_size=int(cfg["batch_size"]), load_seconds=exact_load)
+            if check.passed:  # the exact model is not needed any more
+                _MODELS.pop((cfg["model"], cfg.get("weights"), cfg["device"], "exact", _WORKER_THREADS), None)
+            else:
+                warnings.warn(f"fast mode deviates from exact by max |dz| {check.max_dz:.2e} (tolerance "
+                              f"{check.tolerance:g}) on {check.rows} rows of {sample}: predicting in exact mode",
+                              RuntimeWarning, stacklevel=2)
+        _FAST_CHECKS[key] = check
+    if check.mode_used == "exact":
+        predictor, _, _ = get_model(cfg["model"], cfg.get("weights"), cfg["device"], "exact")
+    return predictor, cold, load_s, check.to_dict()
 
 
 def _now() -> str:
@@ -203,12 +242,13 @@ def _run(plan: Plan, rank: int, parts: list[dict[str, Any]], started: str) -> di
     batch_size = int(cfg["batch_size"])
     allow_nonfinite = bool(cfg.get("drop_nonfinite"))
     prefetch = bool(plan.options.get("prefetch", True))
-    phases = dict.fromkeys(("fetch", "decode", "model_load", "inference", "write", "wait"), 0.0)
+    phases = dict.fromkeys(("fetch", "decode", "model_load", "fast_check", "inference", "write", "wait"), 0.0)
 
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"cai-fetch-{rank}")
     try:
         pending: Future = pool.submit(_fetch, parts[0], allow_nonfinite)
         predictor, cold, load_s = get_model(cfg["model"], cfg.get("weights"), cfg["device"], cfg["mode"])
+        fast_check = None
         phases["model_load"] = load_s
         columns: dict[str, list[np.ndarray]] = {"object_id": [], "partition": [], "row": [], "z_pred": [],
                                                 "z_true": [], "flag": []}
@@ -221,6 +261,9 @@ def _run(plan: Plan, rank: int, parts: list[dict[str, Any]], started: str) -> di
             phases["wait"] += time.perf_counter() - t0
             phases["fetch"] += fetch_s
             phases["decode"] += decode_s
+            if fast_check is None and cfg["mode"] == "fast" and len(data):
+                predictor, _, _, fast_check = checked_model(cfg, data, part["name"])
+                phases["fast_check"] = fast_check["seconds"]
             if prefetch and i + 1 < len(parts):
                 pending = pool.submit(_fetch, parts[i + 1], allow_nonfinite)
             n = len(data)
@@ -292,6 +335,8 @@ def _run(plan: Plan, rank: int, parts: list[dict[str, Any]], started: str) -> di
                 "cores": os.cpu_count(), "torch_threads": torch.get_num_threads()},
         "model": cfg["model"],
         "mode": cfg["mode"],
+        "mode_used": fast_check["mode_used"] if fast_check else cfg["mode"],
+        "fast_check": fast_check,
         "plan_hash": plan.plan_hash,
         "predictions_bytes": len(pred_bytes),
         "started_at": started,

@@ -134,6 +134,16 @@ def format_report(summary: dict[str, Any]) -> str:
         lines.append(f"  FAILED rank {f['rank']} {f['partitions']}: {f['error_type']}: {f['message']}")
     for p in comp.get("problems", []):
         lines.append(f"  problem: {p}")
+    fc = summary.get("fast_check")
+    if fc:
+        if fc.get("max_dz") is None:
+            lines.append("  fast mode: guard off (fast not compared with exact on these weights)")
+        else:
+            fell = fc.get("ranks_in_exact") or []
+            lines.append(f"  fast mode: max |dz| vs exact {fc['max_dz']:.2e} on {fc['rows_compared']} calibration "
+                         f"rows (tolerance {fc['tolerance']:g}, {fc['seconds']:.2f} s)"
+                         + (f"; OVER TOLERANCE: {len(fell)} rank(s) predicted in exact mode instead" if fell
+                            else "; predictions in fast mode"))
     lines.append("  stages (wall s): plan " + _fmt(st.get("plan_s"), ".2f") + ", map " + _fmt(st.get("map_s"), ".2f")
                  + ", summarize " + _fmt(st.get("summarize_s"), ".2f")
                  + (f"  [{summary.get('ranks_resumed')} rank(s) resumed]" if summary.get("ranks_resumed") else ""))

@@ -20,7 +20,7 @@ from .plan import Plan, load_plan
 from .records import (COMBINED_NAME, ERRORS_DIR, ORIGINAL_KEYS, PREDICTIONS_NAME, RANKS_DIR, RUN_NAME, SUMMARY_NAME,
                       predictions_url, rank_of)
 
-PHASES = ("fetch", "decode", "model_load", "inference", "write", "wait")
+PHASES = ("fetch", "decode", "model_load", "fast_check", "inference", "write", "wait")
 
 
 class IncompleteRunError(CaiError):
@@ -140,6 +140,7 @@ def summarize(result_url: str, allow_failures: bool = False) -> dict[str, Any]:
                      for r in failed],
     }
     summary.update(_timing(plan, records, rows_out))
+    summary.update(_modes_used(plan, records))
     summary["metrics"] = _metrics(combined)
 
     ordered = [_original_first(records[r]) for r in sorted(records)]
@@ -237,6 +238,24 @@ def _timing(plan: Plan, records: dict[int, dict[str, Any]], rows_out: int) -> di
         "peak_rss_mb": max((float(r.get("peak_rss_mb", 0.0)) for r in recs), default=None),
         "nonfinite_rows": sum(int(r.get("nonfinite_rows", 0)) for r in recs),
     }
+
+
+def _modes_used(plan: Plan, records: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """The mode each rank predicted in, and the fast-mode guard's measurements (max |dz| over the ranks)."""
+    used = sorted({str(r.get("mode_used") or r.get("mode")) for r in records.values()})
+    out: dict[str, Any] = {"mode_used": used[0] if len(used) == 1 else used}
+    checks = {rank: r["fast_check"] for rank, r in records.items() if isinstance(r.get("fast_check"), dict)}
+    if plan.config.get("mode") == "fast":
+        measured = [c["max_dz"] for c in checks.values() if c.get("max_dz") is not None]
+        out["fast_check"] = {
+            "policy": plan.config.get("fast_guard") or "fallback",
+            "tolerance": next((c["tolerance"] for c in checks.values()), None),
+            "max_dz": max(measured) if measured else None,
+            "rows_compared": sum(int(c.get("rows", 0)) for c in checks.values()),
+            "ranks_in_exact": sorted(rank for rank, c in checks.items() if c.get("mode_used") == "exact"),
+            "seconds": sum(float(c.get("seconds", 0.0)) for c in checks.values()),
+        }
+    return out
 
 
 def _metrics(table: Any) -> dict[str, Any] | None:
