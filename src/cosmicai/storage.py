@@ -3,6 +3,12 @@
 The S3 endpoint is taken, in order, from ``CAI_S3_ENDPOINT``, ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL``
 (unset means real AWS). Listings go through s3fs, which pages through ``ListObjectsV2`` (never one
 unpaginated call), so more than 1,000 objects are always seen.
+
+Local paths and ``file://`` URLs have ``~`` and environment variables (``$VAR``, ``${VAR}``) expanded where
+they are resolved (:func:`local_path`, :func:`filesystem`), so every reader and writer sees the same file:
+``~/data`` is ``$HOME/data`` for both, never a folder named ``~``. Remote URLs (``s3://`` ...) are left as they
+are: ``~`` and ``$`` are ordinary characters in an object key. A path holding a NUL byte is refused.
+(So a local file whose name literally holds ``$NAME``, with NAME set in the environment, cannot be named.)
 """
 
 from __future__ import annotations
@@ -69,8 +75,29 @@ def storage_options(url: str) -> dict[str, Any]:
     return {}
 
 
+def expand(url: str) -> str:
+    """``url`` with ``~`` and ``$VAR`` / ``${VAR}`` expanded when it is a local path or ``file://`` URL.
+
+    Remote URLs come back unchanged. Unset variables are left as written (``os.path.expandvars``). A NUL
+    byte, which no filesystem or object store accepts, is a StorageError naming the path.
+    """
+    if "\x00" in url:
+        raise StorageError(f"{url!r}: a path cannot contain a NUL byte")
+    if is_remote(url):
+        return url
+    for proto in ("file://", "local://"):
+        if url.startswith(proto):
+            return proto + _expand_path(url[len(proto):])
+    return _expand_path(url)
+
+
+def _expand_path(path: str) -> str:
+    return os.path.expanduser(os.path.expandvars(path)) if ("~" in path or "$" in path) else path
+
+
 def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The fsspec filesystem for ``url`` and the path within it."""
+    """The fsspec filesystem for ``url`` and the path within it (``~`` and ``$VAR`` expanded in local paths)."""
+    url = expand(url)
     fs, path = url_to_fs(url, **storage_options(url))
     return fs, path
 
@@ -95,10 +122,14 @@ def basename(url: str) -> str:
 
 
 def local_path(url: str) -> str | None:
-    """The local filesystem path behind ``url``, or None for remote URLs."""
+    """The local filesystem path behind ``url`` (``~`` and ``$VAR`` expanded), or None for remote URLs."""
     if is_remote(url):
         return None
-    return url[len("file://"):] if url.startswith("file://") else url
+    url = expand(url)
+    for proto in ("file://", "local://"):
+        if url.startswith(proto):
+            return url[len(proto):]
+    return url
 
 
 def natural_key(name: str) -> list:

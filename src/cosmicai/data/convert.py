@@ -35,7 +35,7 @@ import numpy as np
 
 from .. import storage
 from ..errors import DataError
-from .formats import BANDS, MANIFEST_NAME, PARTITION_SUFFIX, Partition, read_manifest
+from .formats import BANDS, MANIFEST_NAME, PARTITION_SUFFIX, Partition, name_problem, read_manifest
 
 #: Rows read at a time from HDF5/FITS/npz/npy sources.
 CHUNK_ROWS = 4096
@@ -111,9 +111,25 @@ def make_partition(source: str, images: Any, magnitudes: Any, redshift: Any = No
             raise DataError(f"{source}: 'object_id' has dtype {ids.dtype}, expected integers")
         if ids.shape != (n,):
             raise DataError(f"{source}: 'object_id' has shape {list(ids.shape)}, expected [{n}]")
-        ids, has_ids = np.ascontiguousarray(ids, dtype=np.int64), True
+        ids, has_ids = _int64_ids(ids, source, first_row), True
     part = Partition(images=imgs, magnitudes=mags, object_id=ids, redshift=z)
     return part.validate(source, allow_nonfinite=True), has_ids
+
+
+INT64_MAX = np.iinfo(np.int64).max
+
+
+def _int64_ids(ids: np.ndarray, source: str, first_row: int) -> np.ndarray:
+    """Object ids as int64 (the native type), exactly: unsigned ids of 2**63 or more do not fit and are
+    refused, naming the file, the column and the first such value (casting would wrap them negative)."""
+    if ids.dtype.kind == "u" and ids.dtype.itemsize >= 8 and ids.size:
+        too_big = ids > INT64_MAX
+        if too_big.any():
+            rows = np.flatnonzero(too_big)
+            raise DataError(f"object_id {int(ids[rows[0]])} in {source} (row {first_row + int(rows[0])}, the first "
+                            f"such) does not fit int64, the native object_id type (at most {INT64_MAX}); map "
+                            f"the ids below 2**63 before converting")
+    return np.ascontiguousarray(ids, dtype=np.int64)
 
 
 def _sliced(source: str, n: int, fetch: Callable[[slice], dict[str, Any]], chunk_rows: int) -> Iterator[Chunk]:
@@ -335,6 +351,11 @@ def open_source(url: str) -> Source:
         if not storage.exists(url):
             raise DataError(f"{url}: source not found")
         raise DataError(f"{url}: empty folder (no files to convert)")
+    for u, _ in listed:
+        if _suffix_of(u) in FILE_READERS or u.endswith(".npy"):
+            problem = name_problem(storage.basename(u))
+            if problem:
+                raise DataError(f"{url}: file {storage.basename(u)!r} in the listing {problem}")
     names = {storage.basename(u) for u, _ in listed}
     if "images.npy" in names:
         return Source(url, "npy-folder", [u for u, _ in listed if u.endswith(".npy")])

@@ -220,6 +220,27 @@ def _from_arrays(arrays: dict[str, np.ndarray], source: str, allow_nonfinite: bo
     return part.validate(source, allow_nonfinite=allow_nonfinite)
 
 
+def name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a partition name, or None when it can.
+
+    Refused: a NUL or any other control character (C0, DEL, C1: no filesystem or object store takes NUL, and
+    the others break listings, logs and result tables), and text that is not valid UTF-8 (a lone surrogate,
+    which is how Python hands over an undecodable byte of a file name): result tables and JSON records store
+    partition names as UTF-8.
+    """
+    bad = [c for c in name if ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F]
+    if bad:
+        what = "a NUL byte" if "\x00" in bad else f"control character {bad[0]!r}"
+        return f"contains {what}; partition names must be printable"
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        code = ord(name[exc.start])
+        detail = f" (byte {bytes([code - 0xDC00])!r})" if 0xDC80 <= code <= 0xDCFF else ""
+        return f"is not valid UTF-8{detail}; rename it to a UTF-8 name"
+    return None
+
+
 def sha256_hex(data: bytes) -> str:
     """Hex SHA-256 of ``data``."""
     return hashlib.sha256(data).hexdigest()
@@ -278,6 +299,9 @@ class Manifest:
             if entry.name in seen or "/" in entry.name or "\\" in entry.name or entry.name in ("", ".", ".."):
                 what = "appears twice" if entry.name in seen else "is not a plain file name"
                 raise DataError(f"{source}: partitions[{i}] name {entry.name!r} {what}")
+            bad_name = name_problem(entry.name)
+            if bad_name:
+                raise DataError(f"{source}: partitions[{i}] name {entry.name!r} {bad_name}")
             seen.add(entry.name)
             if entry.rows < 0 or entry.bytes < 0:
                 raise DataError(f"{source}: partitions[{i}] ({entry.name}) has negative rows or bytes")

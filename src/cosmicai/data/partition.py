@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 from .. import storage
 from ..errors import DataError, StorageError
-from .formats import MANIFEST_NAME, PARTITION_SUFFIX, Partition, decode_partition, load_partition_file, read_manifest
+from .formats import (MANIFEST_NAME, PARTITION_SUFFIX, Partition, decode_partition, load_partition_file, name_problem,
+                      read_manifest)
 
 LEGACY_SUFFIX = ".pt"
 PARTITION_SUFFIXES = (PARTITION_SUFFIX, LEGACY_SUFFIX)
@@ -71,6 +72,9 @@ def list_partitions(dataset_url: str) -> list[PartitionRef]:
     if dataset_url.endswith(PARTITION_SUFFIXES):
         size = storage.size(dataset_url)
         if size is not None:
+            problem = name_problem(storage.basename(dataset_url))
+            if problem:
+                raise DataError(f"{dataset_url!r}: partition file name {storage.basename(dataset_url)!r} {problem}")
             return [PartitionRef(storage.basename(dataset_url), dataset_url, None, size)]
     manifest = read_manifest(dataset_url)
     if manifest is not None:
@@ -87,4 +91,16 @@ def list_partitions(dataset_url: str) -> list[PartitionRef]:
             raise DataError(f"{dataset_url}: dataset not found")
         raise DataError(f"{dataset_url}: empty dataset (no manifest.json and no {PARTITION_SUFFIX} or "
                         f"{LEGACY_SUFFIX} files)")
-    return [PartitionRef(storage.basename(u), u, None, size) for u, size in found]
+    refs = [PartitionRef(storage.basename(u), u, None, size) for u, size in found]
+    for ref in refs:
+        check_listed_name(ref.name, dataset_url)
+    return refs
+
+
+def check_listed_name(name: str, folder: str) -> None:
+    """DataError naming ``folder`` and the entry (repr) when a listed file's name has a NUL or other control
+    character or is not valid UTF-8 (see :func:`formats.name_problem`): refused when the listing is made,
+    before anything is planned or read."""
+    problem = name_problem(name)
+    if problem:
+        raise DataError(f"{folder}: file {name!r} in the listing {problem}")
