@@ -212,12 +212,13 @@ def test_unlisted_dataset_partition_deleted_after_plan_is_named(tiny_dataset, tm
     config = _cfg(str(data), result, world_size=4)
     make_plan(config)
     victim = data / "part-000003.safetensors"
-    good = victim.read_bytes()
+    good, before = victim.read_bytes(), victim.stat()
     victim.unlink()
     with pytest.raises(CaiError) as err:
         run(config, progress=False)
     assert "part-000003.safetensors" in str(err.value), str(err.value)
     victim.write_bytes(good)
+    os.utime(victim, ns=(before.st_atime_ns, before.st_mtime_ns))  # restored as it was (cp -p, rsync -t)
     summary = run(config, progress=False)
     comp = summary["completeness"]
     assert comp["complete"] and comp["rows_in"] == comp["rows_out"] == 48

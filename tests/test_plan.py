@@ -59,7 +59,7 @@ def test_make_plan_writes_plan_and_tasks(tiny_dataset, tmp_path):
     first = raw["tasks"]["0"][0]
     assert first["rows"] == 12 and first["bytes"] == os.path.getsize(first["url"]) and len(first["sha256"]) == 64
     tasks = json.loads((tmp_path / "res" / "tasks.json").read_text())
-    assert tasks == [{"result_url": result, "rank": r} for r in range(3)]
+    assert tasks == [{"result_url": result, "rank": r, "plan_hash": plan.plan_hash} for r in range(3)]
     loaded = load_plan(result)
     assert loaded.plan_hash == plan.plan_hash and loaded.tasks == plan.tasks and loaded.total_rows == 48
 
@@ -69,6 +69,7 @@ def test_default_world_size_file_limit_and_empty_ranks(tiny_dataset, tmp_path):
     assert plan.world_size == 3 and [len(plan.tasks[r]) for r in range(3)] == [1, 1, 1]
     plan = make_plan(_cfg(tiny_dataset, str(tmp_path / "b"), world_size=6))
     assert plan.world_size == 6 and plan.ranks == [0, 1, 2, 3]         # ranks 4, 5 get no partitions
+    assert sorted(plan.tasks) == [0, 1, 2, 3]                          # and are never materialised
     assert [t["rank"] for t in json.loads((tmp_path / "b" / "tasks.json").read_text())] == [0, 1, 2, 3]
 
 
@@ -113,7 +114,14 @@ def test_replan_names_partitions_that_changed_since_planning(tiny_dataset, tmp_p
     victim.unlink()
     with pytest.raises(DataError, match="partition.s. part-000002.safetensors planned in .* are missing"):
         make_plan(_cfg(str(data), result))
-    victim.write_bytes(good)
+    victim.write_bytes(good)   # a file put back (or replaced by a same-named, same-sized one) is a changed file
+    with pytest.raises(ConfigError, match=r"changed: \['part-000002.safetensors'\]; a changed partition has another "
+                                          r"size, checksum or modification time"):
+        make_plan(_cfg(str(data), result))
+    stat = os.stat(os.path.join(tiny_dataset, "part-000002.safetensors"))
+    planned = next(p for p in first.partitions if p["name"] == "part-000002.safetensors")
+    mtime = float(planned["fingerprint"].removeprefix("mtime:"))
+    os.utime(victim, (stat.st_atime, mtime))   # the very file restored as it was: the plan resumes
     assert make_plan(_cfg(str(data), result)).plan_hash == first.plan_hash
     shutil.copy(os.path.join(tiny_dataset, "part-000004.safetensors"), data)
     with pytest.raises(ConfigError, match=r"dataset changed .*new: \['part-000004.safetensors'\]"):

@@ -57,6 +57,7 @@ class RunConfig:
     drop_nonfinite: bool = False
     prefetch: bool = True
     overwrite: bool = False
+    break_lease: bool = False
     scheduler: str | None = None
     endpoint: str | None = None
     backend_options: dict[str, Any] = field(default_factory=dict)
@@ -71,7 +72,7 @@ class RunConfig:
 
 FIELDS = tuple(f.name for f in dataclasses.fields(RunConfig))
 _INT_FIELDS = {"batch_size": 1, "file_limit": 1, "world_size": 1, "workers": 1, "threads": 1}
-_BOOL_FIELDS = ("allow_failures", "drop_nonfinite", "prefetch", "overwrite")
+_BOOL_FIELDS = ("allow_failures", "drop_nonfinite", "prefetch", "overwrite", "break_lease")
 _STR_FIELDS = ("data", "result", "model", "weights", "mode", "fast_guard", "device", "backend", "scheduler", "endpoint")
 
 
@@ -225,4 +226,19 @@ def _build(values: dict[str, Any], origin: str) -> RunConfig:
                           f"got {values['fast_guard']!r}")
     if "backend_options" in values and not isinstance(values["backend_options"], dict):
         raise ConfigError(f"{origin}: 'backend_options' must be an object")
+    backend = values.get("backend", "local")
+    if values.get("scheduler") and backend != "dask":
+        raise ConfigError(f"{origin}: 'scheduler' ({values['scheduler']!r}) applies only to the dask backend, but the "
+                          f"backend is {backend!r}: add --backend dask, or drop --scheduler")
+    for key in ("data", "result"):
+        values[key] = normalize_url(values[key])
     return RunConfig(**values)
+
+
+def normalize_url(url: str) -> str:
+    """One spelling per location: trailing slashes dropped, ``.``/``..`` and doubled slashes collapsed in local
+    paths, so ``res/`` and ``res`` name the same run."""
+    if "://" in url:
+        proto, rest = url.split("://", 1)
+        return f"{proto}://{rest.rstrip('/')}" if rest.rstrip("/") else url
+    return os.path.normpath(url) if url else url

@@ -41,7 +41,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--allow-failures", action="store_true", default=None, dest="allow_failures",
                    help="exit 0 and summarize what finished even when ranks failed")
     p.add_argument("--overwrite", action="store_true", default=None,
-                   help="replace the outputs of a different run under --result")
+                   help="replace the outputs of a different run under --result (only files that run wrote)")
+    p.add_argument("--break-lease", action="store_true", default=None, dest="break_lease",
+                   help="take over the result path from a run whose lease is stale (no heartbeat for 2 minutes)")
     p.add_argument("--drop-nonfinite", action="store_true", default=None, dest="drop_nonfinite",
                    help="keep rows with NaN/inf inputs as flagged rows with a NaN prediction instead of failing")
     p.add_argument("--no-prefetch", action="store_false", default=None, dest="prefetch",
@@ -84,7 +86,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         os.environ["CAI_S3_ENDPOINT"] = args.endpoint
     keys = ("data", "result", "model", "weights", "batch_size", "file_limit", "world_size", "mode", "fast_guard",
             "device",
-            "workers", "threads", "backend", "scheduler", "endpoint", "allow_failures", "overwrite",
+            "workers", "threads", "backend", "scheduler", "endpoint", "allow_failures", "overwrite", "break_lease",
             "drop_nonfinite", "prefetch", "bucket_root")
     config, unused = load_config(args.config, **{k: getattr(args, k) for k in keys})
     if unused:

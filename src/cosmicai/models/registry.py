@@ -56,6 +56,7 @@ class Predictor:
         self.module = module.eval()
         self.n_params = count_params(module)
         self.last_flagged = np.zeros(0, dtype=np.int64)
+        self.weights_sha256: str | None = None  # of the weights file read, when there was one
         self._torch_device = torch.device(device)
         self.engine, self._run = prepare(module, mode, self._torch_device, compile=compile, engine=engine,
                                          threads=threads or torch.get_num_threads())
@@ -176,12 +177,38 @@ def astromae_from_weights(data: bytes, source: str) -> Normalized:
     return Normalized(net, norm).eval()
 
 
+def weights_url(name: str, weights: str | None) -> str | None:
+    """The weights file model ``name`` reads (the shipped demo file for ``astromae-demo``), or None."""
+    if weights is None and name == DEMO_NAME:
+        return demo_weights_path()
+    return weights
+
+
+def weights_sha256(name: str, weights: str | None) -> str | None:
+    """sha256 of the weights model ``name`` would load (None for models without a weights file); a missing or
+    unreadable file raises ModelError naming it."""
+    import hashlib
+
+    from .. import storage
+
+    url = weights_url(name, weights)
+    if url is None or name == "astromae-random":
+        return None
+    try:
+        return hashlib.sha256(storage.read_bytes(url)).hexdigest()
+    except Exception as exc:
+        raise ModelError(f"cannot read weights '{url}': {exc}") from exc
+
+
 def load_model(name: str = DEMO_NAME, weights: str | None = None, device: str = "cpu", mode: str = "exact",
-               threads: int | None = None, compile: bool | None = None, engine: str | None = None) -> Predictor:
+               threads: int | None = None, compile: bool | None = None, engine: str | None = None,
+               sha256: str | None = None) -> Predictor:
     """Load model ``name`` (see the module docstring) on ``device`` in ``mode`` ('exact' or 'fast').
 
     ``engine``: 'auto' (default, or ``$CAI_ENGINE``): ONNX Runtime for AstroMAE on CPU, torch otherwise;
-    'torch' or 'onnxruntime' to force one. ``threads``: CPU threads (default: every CPU this process may use)."""
+    'torch' or 'onnxruntime' to force one. ``threads``: CPU threads (default: every CPU this process may use).
+    ``sha256``: the weights file must have this digest (a run's plan records it, so weights rewritten in place
+    mid-run are refused instead of mixing two models in one result)."""
     if mode not in MODES:
         raise ModelError(f"mode '{mode}' is not known; choose one of {', '.join(MODES)}")
     device = resolve_device(device)
@@ -202,7 +229,16 @@ def load_model(name: str = DEMO_NAME, weights: str | None = None, device: str = 
             data = storage.read_bytes(weights)
         except Exception as exc:
             raise ModelError(f"cannot read weights '{weights}': {exc}") from exc
-        return Predictor(name, astromae_from_weights(data, weights), device, mode, compile, engine, threads)
+        import hashlib
+
+        now = hashlib.sha256(data).hexdigest()
+        if sha256 is not None and now != sha256:
+            raise ModelError(f"weights '{weights}' changed since the run was planned (sha256 {now[:12]}, the plan "
+                             f"has {sha256[:12]}): restore them, or rerun with --overwrite to predict everything "
+                             "with the new weights")
+        pred = Predictor(name, astromae_from_weights(data, weights), device, mode, compile, engine, threads)
+        pred.weights_sha256 = now
+        return pred
     return _load_plugin(name, weights, device, mode, threads)
 
 

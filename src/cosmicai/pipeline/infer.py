@@ -46,17 +46,25 @@ def worker_threads() -> int | None:
     return _WORKER_THREADS
 
 
-def get_model(model: str, weights: str | None, device: str, mode: str) -> tuple[Any, bool, float]:
-    """The cached predictor for this process: (predictor, loaded_now, load seconds)."""
+def get_model(model: str, weights: str | None, device: str, mode: str, sha256: str | None = None
+              ) -> tuple[Any, bool, float]:
+    """The cached predictor for this process: (predictor, loaded_now, load seconds). With ``sha256`` the weights
+    must still be the ones the plan recorded (a cached model of other weights is reloaded and checked)."""
     key = (model, weights, device, mode, _WORKER_THREADS)
-    if key in _MODELS:
-        return _MODELS[key], False, 0.0
+    cached = _MODELS.get(key)
+    if cached is not None and (sha256 is None or getattr(cached, "weights_sha256", None) in (None, sha256)):
+        return cached, False, 0.0
     from ..models.registry import load_model
 
     t0 = time.perf_counter()
-    predictor = load_model(model, weights=weights, device=device, mode=mode, threads=_WORKER_THREADS)
+    predictor = load_model(model, weights=weights, device=device, mode=mode, threads=_WORKER_THREADS, sha256=sha256)
     _MODELS[key] = predictor
     return predictor, True, time.perf_counter() - t0
+
+
+def _model_for(cfg: dict[str, Any], mode: str) -> tuple[Any, bool, float]:
+    """:func:`get_model` for a plan's config in ``mode``."""
+    return get_model(cfg["model"], cfg.get("weights"), cfg["device"], mode, cfg.get("weights_sha256"))
 
 
 def clear_model_cache() -> None:
@@ -76,7 +84,7 @@ def checked_model(cfg: dict[str, Any], first: Any, sample: str) -> tuple[Any, bo
     exact predictor is returned (policy ``fallback``) or ModelError raised (``strict``)."""
     from ..models.guard import calibrate, unchecked
 
-    predictor, cold, load_s = get_model(cfg["model"], cfg.get("weights"), cfg["device"], cfg["mode"])
+    predictor, cold, load_s = _model_for(cfg, cfg["mode"])
     if cfg["mode"] != "fast":
         return predictor, cold, load_s, None
     policy = cfg.get("fast_guard") or "fallback"
@@ -87,7 +95,7 @@ def checked_model(cfg: dict[str, Any], first: Any, sample: str) -> tuple[Any, bo
             check = unchecked()
         else:
             images, mags = first.images, first.magnitudes  # non-finite rows come back NaN and are not compared
-            exact, _, exact_load = get_model(cfg["model"], cfg.get("weights"), cfg["device"], "exact")
+            exact, _, exact_load = _model_for(cfg, "exact")
             check = calibrate(predictor, exact, images, mags, policy=policy, sample=sample,
                               batch_size=int(cfg["batch_size"]), load_seconds=exact_load)
             if check.passed:  # the exact model is not needed any more
@@ -98,7 +106,7 @@ def checked_model(cfg: dict[str, Any], first: Any, sample: str) -> tuple[Any, bo
                               RuntimeWarning, stacklevel=2)
         _FAST_CHECKS[key] = check
     if check.mode_used == "exact":
-        predictor, _, _ = get_model(cfg["model"], cfg.get("weights"), cfg["device"], "exact")
+        predictor, _, _ = _model_for(cfg, "exact")
     return predictor, cold, load_s, check.to_dict()
 
 
@@ -182,10 +190,16 @@ def done_ranks(plan: Plan) -> set[int]:
     return done
 
 
-def run_task(result_url: str, rank: int) -> dict[str, Any]:
-    """Run one rank of the plan under ``result_url`` and return its record (the stored one if already done)."""
+def run_task(result_url: str, rank: int, plan_hash: str | None = None) -> dict[str, Any]:
+    """Run one rank of the plan under ``result_url`` and return its record (the stored one if already done).
+
+    ``plan_hash`` (the task items carry it): the plan this task was made for; a different plan under
+    ``result_url`` (replaced by another run) is refused instead of computing a rank of someone else's run."""
     rank = int(rank)
     plan = load_plan(result_url)
+    if plan_hash is not None and plan.plan_hash != plan_hash:
+        raise ConfigError(f"{result_url}: the plan was replaced while this run was going (plan {plan.plan_hash[:12]}, "
+                          f"this task belongs to {str(plan_hash)[:12]}); rank {rank} was not run")
     done = _stored_record(plan, rank)
     if done is not None:
         return done
@@ -247,12 +261,13 @@ def _run(plan: Plan, rank: int, parts: list[dict[str, Any]], started: str) -> di
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"cai-fetch-{rank}")
     try:
         pending: Future = pool.submit(_fetch, parts[0], allow_nonfinite)
-        predictor, cold, load_s = get_model(cfg["model"], cfg.get("weights"), cfg["device"], cfg["mode"])
+        predictor, cold, load_s = _model_for(cfg, cfg["mode"])
         fast_check = None
         phases["model_load"] = load_s
         columns: dict[str, list[np.ndarray]] = {"object_id": [], "partition": [], "row": [], "z_pred": [],
                                                 "z_true": [], "flag": []}
         rows_per_part: dict[str, int] = {}
+        bad_predictions: dict[str, int] = {}
         num_batches = 0
         has_z = True
         for i, part in enumerate(parts):
@@ -277,6 +292,13 @@ def _run(plan: Plan, rank: int, parts: list[dict[str, Any]], started: str) -> di
                 raise DataError(f"{part['name']}: the model returned shape {z.shape} for {n} rows")
             flag = data.nonfinite_rows() if allow_nonfinite else np.zeros(n, dtype=bool)
             z = np.where(flag, np.float32(np.nan), z)
+            # Finite but extreme inputs (a pixel of 1e19, magnitudes of 3e38) can overflow the network: such rows
+            # are flagged and counted too, never passed off as predictions.
+            overflow = ~np.isfinite(z) & ~flag
+            if overflow.any():
+                bad_predictions[part["name"]] = int(overflow.sum())
+                flag = flag | overflow
+                z = np.where(overflow, np.float32(np.nan), z)
             num_batches += math.ceil(n / batch_size)
             rows_per_part[part["name"]] = n
             columns["object_id"].append(np.asarray(data.object_id, dtype=np.int64))
@@ -328,6 +350,7 @@ def _run(plan: Plan, rank: int, parts: list[dict[str, Any]], started: str) -> di
         "partitions": [p["name"] for p in parts],
         "partition_rows": rows_per_part,
         "nonfinite_rows": int(sum(int(f.sum()) for f in columns["flag"])),
+        "nonfinite_predictions": bad_predictions,
         "phases": phases,
         "peak_rss_mb": _peak_rss_mb(),
         "cold_start": cold,

@@ -63,8 +63,9 @@ class Plan:
         return sorted(r for r, parts in self.tasks.items() if parts)
 
     def task_list(self) -> list[dict[str, Any]]:
-        """The backend task items: ``[{"result_url": ..., "rank": r}, ...]``."""
-        return [{"result_url": self.result_url, "rank": r} for r in self.ranks]
+        """The backend task items: ``[{"result_url": ..., "rank": r, "plan_hash": ...}, ...]`` (a worker refuses a
+        task whose plan was replaced under it)."""
+        return [{"result_url": self.result_url, "rank": r, "plan_hash": self.plan_hash} for r in self.ranks]
 
     @property
     def total_rows(self) -> int | None:
@@ -110,7 +111,60 @@ def _partition_dicts(config: RunConfig) -> list[dict[str, Any]]:
             raise ConfigError(f"file_limit is {config.file_limit} but only {len(parts)} partition(s) are available "
                               f"under {config.data}")
         parts = parts[:config.file_limit]
+    unverified = [p for p in parts if not p["sha256"]]
+    if unverified:
+        marks = listing_fingerprints(unverified)
+        for p in unverified:
+            p["fingerprint"] = marks.get(p["url"])
     return parts
+
+
+def listing_fingerprints(parts: list[dict[str, Any]]) -> dict[str, str]:
+    """``url -> fingerprint`` from one listing per folder: the ETag on S3, the modification time locally.
+
+    Partitions without a manifest sha256 (the original ``1.pt, 2.pt`` folders, plain listings) get one, so a file
+    replaced by a same-named, same-sized one between a crash and the resume is noticed when the run is planned
+    again (the plan hash changes and the partition is named)."""
+    folders: dict[str, list[str]] = {}
+    for p in parts:
+        folders.setdefault(p["url"].rsplit("/", 1)[0] if "/" in p["url"] else ".", []).append(p["url"])
+    out: dict[str, str] = {}
+    for folder, urls in folders.items():
+        fs, path = storage.filesystem(folder)
+        try:
+            fs.invalidate_cache(path)
+            entries = {e["name"].rstrip("/"): e for e in fs.ls(path, detail=True)}
+        except (OSError, ValueError):  # fingerprints are a safeguard: a failed listing leaves them unset
+            continue
+        for url in urls:
+            _, key = storage.filesystem(url)
+            info = entries.get(key.rstrip("/"))
+            if info is None:
+                continue
+            tag = info.get("ETag") or info.get("etag")
+            if tag:
+                out[url] = f"etag:{str(tag).strip(chr(34))}"
+            elif info.get("mtime") is not None:
+                out[url] = f"mtime:{float(info['mtime']):.6f}"
+            elif info.get("LastModified") is not None:
+                out[url] = f"modified:{info['LastModified']}"
+    return out
+
+
+def plan_contents(config: RunConfig) -> tuple[dict[str, Any], list[dict[str, Any]], str]:
+    """What ``config`` plans, without writing anything: (plan config, partitions, plan hash).
+
+    The plan config holds the weights' sha256, so weights rewritten in place change the plan."""
+    from ..models.registry import weights_sha256
+
+    parts = _partition_dicts(config)
+    cfg = config.plan_dict()
+    cfg["world_size"] = config.world_size or len(parts)
+    try:
+        cfg["weights_sha256"] = weights_sha256(config.model, config.weights)
+    except CaiError as exc:
+        raise ConfigError(f"weights: {exc}") from exc
+    return cfg, parts, plan_hash(cfg, parts)
 
 
 def make_plan(config: RunConfig) -> Plan:
@@ -125,11 +179,8 @@ def make_plan(config: RunConfig) -> Plan:
         check_model_name(config.model)  # before any partition is listed or worker started
     except CaiError as exc:
         raise ConfigError(f"model: {exc}") from exc
-    parts = _partition_dicts(config)
-    world = config.world_size or len(parts)
-    cfg = config.plan_dict()
-    cfg["world_size"] = world
-    digest = plan_hash(cfg, parts)
+    cfg, parts, digest = plan_contents(config)
+    world = cfg["world_size"]
     result = config.result
     options = {"prefetch": bool(config.prefetch)}
     existing = _existing_plan(result)
@@ -143,12 +194,17 @@ def make_plan(config: RunConfig) -> Plan:
         _dataset_changed(existing, parts)
     if existing is not None or _has_outputs(result):
         if not config.overwrite:
-            why = ("a run with a different config" if existing is not None else "outputs of another run")
-            raise ConfigError(f"{result} already holds {why} (plan hash "
-                              f"{existing.plan_hash[:12] if existing else 'unknown'}, this config {digest[:12]}); "
-                              f"use another result path or --overwrite to replace it")
-        clear_results(result)
-    assignment = assign_ranks(len(parts), world)
+            if existing is None:
+                raise ConfigError(f"{result} already holds files in {'/'.join(RESULT_DIRS)} but no plan.json, so they "
+                                  f"are not a cosmicai run's outputs ({', '.join(_foreign_files(result, None)[:5])}); "
+                                  "use another result path or remove them")
+            raise ConfigError(f"{result} already holds a run with a different config "
+                              f"({_config_diff(existing.config, cfg)}); use another result path or --overwrite to "
+                              "replace it")
+        clear_results(result, existing)
+    # Ranks past the partition count would get none: the rule gives the same assignment over min(world, files)
+    # ranks, and the empty ranks are never materialised (a world size of 10^6 on 3 partitions costs nothing).
+    assignment = assign_ranks(len(parts), min(world, len(parts)))
     plan = Plan(result_url=result, plan_hash=digest, config=cfg, partitions=parts, world_size=world,
                 tasks={r: [parts[i] for i in idx] for r, idx in enumerate(assignment)},
                 created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), options=options)
@@ -177,8 +233,10 @@ def _dataset_changed(plan: Plan, parts: list[dict[str, Any]]) -> None:
     if not added and not changed:
         return  # the partitions are the same: the config differs, reported by the caller
     raise ConfigError(f"{plan.data_url}: the dataset changed since {plan.result_url} was planned "
-                      f"(new: {added or 'none'}, changed: {changed or 'none'}); use --overwrite to plan anew or "
-                      f"another result path")
+                      f"(new: {added or 'none'}, changed: {changed or 'none'}; a changed partition has another size, "
+                      f"checksum or modification time, e.g. a file replaced by one of the same name); resuming would "
+                      f"mix rows of old and new data: restore the files, or use --overwrite to plan anew, or another "
+                      f"result path")
 
 
 def _write_tasks(plan: Plan) -> None:
@@ -199,13 +257,51 @@ def _has_outputs(result_url: str) -> bool:
     return any(storage.list_files(storage.join(result_url, d)) for d in RESULT_DIRS)
 
 
-def clear_results(result_url: str) -> None:
-    """Remove everything a previous run wrote under ``result_url`` (and nothing else)."""
-    for d in RESULT_DIRS:
-        for url in storage.list_files(storage.join(result_url, d)):
-            storage.remove(url)
-    for name in RESULT_FILES:
-        storage.remove(storage.join(result_url, name))
+def _config_diff(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """``key: old -> new`` for each plan-config key that differs (digests shortened)."""
+    def show(v: Any) -> str:
+        return f"{v[:12]}..." if isinstance(v, str) and len(v) == 64 else repr(v)
+
+    keys = sorted(set(old) | set(new))
+    diffs = [f"{k}: {show(old.get(k))} -> {show(new.get(k))}" for k in keys if old.get(k) != new.get(k)]
+    return "changed " + "; ".join(diffs) if diffs else "the partitions differ"
+
+
+def _own_files(result_url: str, plan: Plan | None) -> set[str]:
+    """The files a run with ``plan`` writes under ``result_url``."""
+    own = {storage.join(result_url, name) for name in RESULT_FILES}
+    if plan is not None:
+        for rank in plan.tasks:
+            own |= {storage.join(result_url, "ranks", f"{rank}.json"),
+                    storage.join(result_url, "predictions", f"{rank}.parquet"),
+                    storage.join(result_url, "errors", f"{rank}.json")}
+    return own
+
+
+def _foreign_files(result_url: str, plan: Plan | None) -> list[str]:
+    """Files in the result folders that the run with ``plan`` did not write."""
+    own = _own_files(result_url, plan)
+    found = [u for d in RESULT_DIRS for u in storage.list_files(storage.join(result_url, d), recursive=True)]
+    return [u for u in found if u not in own]
+
+
+def clear_results(result_url: str, plan: Plan | None = None) -> None:
+    """Remove what the run with ``plan`` wrote under ``result_url``, and nothing else.
+
+    Refuses (ConfigError naming the files) when the result folders hold anything that run did not write, and when
+    the result path holds a dataset (a manifest or partition files): ``--overwrite`` never deletes data."""
+    from ..data.formats import MANIFEST_NAME
+
+    if storage.exists(storage.join(result_url, MANIFEST_NAME)) or storage.list_files(
+            result_url, suffixes=(".safetensors", ".pt")):
+        raise ConfigError(f"{result_url} holds a dataset (manifest.json or partition files); --overwrite never "
+                          "deletes data: choose another result path")
+    foreign = _foreign_files(result_url, plan)
+    if foreign:
+        raise ConfigError(f"{result_url}: --overwrite removes only what the previous run wrote, but "
+                          f"{len(foreign)} other file(s) are there: {', '.join(foreign[:10])}; move them away first")
+    for url in sorted(_own_files(result_url, plan)):
+        storage.remove(url)
 
 
 def load_plan(result_url: str) -> Plan:

@@ -9,8 +9,10 @@ from typing import Any
 
 from .. import storage
 from ..config import RunConfig
+from ..errors import CaiError
 from .infer import done_ranks, record_failure, run_task
-from .plan import make_plan
+from .lease import Lease, describe
+from .plan import PLAN_NAME, make_plan, plan_contents
 from .records import RUN_NAME, SUMMARY_NAME
 from .summarize import IncompleteRunError, incomplete_message, summarize
 
@@ -48,6 +50,47 @@ def run(config: RunConfig, backend: Any = None, progress: bool = True, report: b
 
 
 def _run(config: RunConfig, backend: Any, progress: bool, report: bool | None) -> dict[str, Any]:
+    _check_before_planning(config)
+    finished = _finished_summary(config)
+    if finished is not None:  # nothing to do: report it without writing (works on a read-only result folder)
+        if (report if report is not None else progress):
+            print(format_report(finished))
+        return finished
+    with Lease(config.result, break_stale=config.break_lease) as lease:
+        if lease.took_over is not None:
+            print(f"note: took over {config.result} from a run that is gone ({describe(lease.took_over)})",
+                  file=sys.stderr)
+        return _run_leased(config, backend, progress, report)
+
+
+def _check_before_planning(config: RunConfig) -> None:
+    """Device and weights problems are found here, not inside every worker after planning."""
+    from ..errors import ConfigError
+    from ..models.registry import resolve_device
+
+    try:
+        resolve_device(config.device)
+    except CaiError as exc:
+        raise ConfigError(f"device: {exc}") from exc
+    if config.weights and not storage.exists(config.weights):
+        raise ConfigError(f"weights: {config.weights} does not exist")
+
+
+def _finished_summary(config: RunConfig) -> dict[str, Any] | None:
+    """The stored summary when ``config``'s plan is already complete under ``config.result`` (read only)."""
+    summary_url = storage.join(config.result, SUMMARY_NAME)
+    if config.overwrite or not storage.exists(summary_url) or not storage.exists(storage.join(config.result, PLAN_NAME)):
+        return None
+    try:
+        stored = storage.read_json(summary_url)
+        _, _, digest = plan_contents(config)
+    except CaiError:
+        return None
+    complete = isinstance(stored, dict) and (stored.get("completeness") or {}).get("complete")
+    return stored if complete and stored.get("plan_hash") == digest else None
+
+
+def _run_leased(config: RunConfig, backend: Any, progress: bool, report: bool | None) -> dict[str, Any]:
     t0 = time.perf_counter()
     plan = make_plan(config)
     plan_s = time.perf_counter() - t0
