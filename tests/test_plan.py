@@ -56,10 +56,15 @@ def test_make_plan_writes_plan_and_tasks(tiny_dataset, tmp_path):
     assert {r: [p["name"] for p in parts] for r, parts in plan.tasks.items()} == {
         0: ["part-000001.safetensors", "part-000002.safetensors"], 1: ["part-000003.safetensors"],
         2: ["part-000004.safetensors"]}
-    first = raw["tasks"]["0"][0]
+    first = raw["partitions"][raw["tasks"]["0"][0]]   # each partition once; tasks index into them
     assert first["rows"] == 12 and first["bytes"] == os.path.getsize(first["url"]) and len(first["sha256"]) == 64
     tasks = json.loads((tmp_path / "res" / "tasks.json").read_text())
-    assert tasks == [{"result_url": result, "rank": r, "plan_hash": plan.plan_hash} for r in range(3)]
+    assert [{k: t[k] for k in ("result_url", "rank", "plan_hash")} for t in tasks] == [
+        {"result_url": result, "rank": r, "plan_hash": plan.plan_hash} for r in range(3)]
+    # each item carries its own rank's partitions and the run config: a worker reads nothing else
+    assert [[p["name"] for p in t["task"]["partitions"]] for t in tasks] == [
+        [p["name"] for p in plan.tasks[r]] for r in range(3)]
+    assert tasks[0]["task"]["config"] == plan.config and raw["tasks"]["0"] == [0, 1]   # plan.json: indices
     loaded = load_plan(result)
     assert loaded.plan_hash == plan.plan_hash and loaded.tasks == plan.tasks and loaded.total_rows == 48
 

@@ -24,7 +24,7 @@ import numpy as np
 from .. import storage
 from ..data.formats import INPUT_BITS_PER_SAMPLE, Partition, sha256_hex
 from ..errors import CaiError, ConfigError, DataError
-from .plan import Plan, load_plan
+from .plan import Plan, current_plan_hash, load_plan
 from .records import ORIGINAL_KEYS, error_url, predictions_url, record_url
 
 _MODELS: dict[tuple, Any] = {}
@@ -190,16 +190,20 @@ def done_ranks(plan: Plan) -> set[int]:
     return done
 
 
-def run_task(result_url: str, rank: int, plan_hash: str | None = None) -> dict[str, Any]:
+def run_task(result_url: str, rank: int, plan_hash: str | None = None, task: dict[str, Any] | None = None
+             ) -> dict[str, Any]:
     """Run one rank of the plan under ``result_url`` and return its record (the stored one if already done).
 
-    ``plan_hash`` (the task items carry it): the plan this task was made for; a different plan under
+    ``plan_hash`` and ``task`` come with the task items (:meth:`Plan.task_list`): ``task`` carries the rank's own
+    partitions and the run config, so the worker does not read the whole plan; a different plan under
     ``result_url`` (replaced by another run) is refused instead of computing a rank of someone else's run."""
     rank = int(rank)
-    plan = load_plan(result_url)
-    if plan_hash is not None and plan.plan_hash != plan_hash:
-        raise ConfigError(f"{result_url}: the plan was replaced while this run was going (plan {plan.plan_hash[:12]}, "
-                          f"this task belongs to {str(plan_hash)[:12]}); rank {rank} was not run")
+    if plan_hash is not None:
+        now = current_plan_hash(result_url)
+        if now != plan_hash:
+            raise ConfigError(f"{result_url}: the plan was replaced while this run was going (plan "
+                              f"{str(now)[:12]}, this task belongs to {str(plan_hash)[:12]}); rank {rank} was not run")
+    plan = Plan.for_task(result_url, rank, plan_hash, task) if task is not None and plan_hash else load_plan(result_url)
     done = _stored_record(plan, rank)
     if done is not None:
         return done

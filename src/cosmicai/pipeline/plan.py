@@ -19,10 +19,12 @@ from ..errors import CaiError, ConfigError, DataError
 
 PLAN_NAME = "plan.json"
 TASKS_NAME = "tasks.json"
+#: The plan hash alone: what a worker reads to know its task still belongs to the plan under the result path.
+PLAN_HASH_NAME = "plan_hash.json"
 PLAN_FORMAT = "cosmicai-plan"
-PLAN_VERSION = 1
+PLAN_VERSION = 2  # 2: each partition stored once; tasks are index lists into "partitions"
 #: Everything a run writes under its result URL (removed by ``overwrite``).
-RESULT_FILES = ("plan.json", "tasks.json", "run.json", "combined_data.json", "predictions.parquet", "summary.json")
+RESULT_FILES = ("plan.json", "plan_hash.json", "tasks.json", "run.json", "combined_data.json", "predictions.parquet", "summary.json")
 RESULT_DIRS = ("ranks", "predictions", "errors")
 
 
@@ -63,9 +65,22 @@ class Plan:
         return sorted(r for r, parts in self.tasks.items() if parts)
 
     def task_list(self) -> list[dict[str, Any]]:
-        """The backend task items: ``[{"result_url": ..., "rank": r, "plan_hash": ...}, ...]`` (a worker refuses a
-        task whose plan was replaced under it)."""
-        return [{"result_url": self.result_url, "rank": r, "plan_hash": self.plan_hash} for r in self.ranks]
+        """The backend task items, one per rank with partitions. Each is self-contained (``result_url``, ``rank``,
+        ``plan_hash`` and ``task``: the run config, options and the rank's own partitions), so a worker reads
+        neither plan.json nor tasks.json; it checks the plan hash against ``plan_hash.json`` (a few bytes)."""
+        return [{"result_url": self.result_url, "rank": r, "plan_hash": self.plan_hash,
+                 "task": {"config": self.config, "options": self.options, "world_size": self.world_size,
+                          "partitions": self.tasks[r]}} for r in self.ranks]
+
+    @classmethod
+    def for_task(cls, result_url: str, rank: int, plan_hash: str, task: dict[str, Any]) -> "Plan":
+        """The view of the plan one task item carries (its own rank only)."""
+        try:
+            return cls(result_url=result_url, plan_hash=plan_hash, config=task["config"],
+                       partitions=list(task["partitions"]), tasks={int(rank): list(task["partitions"])},
+                       world_size=int(task["world_size"]), options=dict(task.get("options") or {}))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"task item for rank {rank} of {result_url} is malformed ({exc!r})") from exc
 
     @property
     def total_rows(self) -> int | None:
@@ -74,21 +89,26 @@ class Plan:
         return None if any(r is None for r in rows) else int(sum(rows))
 
     def to_dict(self) -> dict[str, Any]:
+        index = {p["name"]: i for i, p in enumerate(self.partitions)}
         return {"format": PLAN_FORMAT, "version": PLAN_VERSION, "plan_hash": self.plan_hash,
                 "created_at": self.created_at, "result_url": self.result_url, "world_size": self.world_size,
                 "config": self.config, "options": self.options, "partitions": self.partitions,
-                "tasks": {str(r): parts for r, parts in sorted(self.tasks.items())}}
+                "tasks": {str(r): [index[p["name"]] for p in parts] for r, parts in sorted(self.tasks.items())}}
 
     @classmethod
     def from_dict(cls, raw: Any, result_url: str, source: str) -> "Plan":
         if not isinstance(raw, dict) or raw.get("format") != PLAN_FORMAT:
             raise DataError(f"{source}: not a cosmicai plan")
         try:
+            parts = raw["partitions"]
+            if int(raw.get("version", 1)) >= 2:
+                tasks = {int(r): [parts[int(i)] for i in idx] for r, idx in raw["tasks"].items()}
+            else:
+                tasks = {int(r): ps for r, ps in raw["tasks"].items()}
             return cls(result_url=result_url, plan_hash=raw["plan_hash"], config=raw["config"],
-                       partitions=raw["partitions"], world_size=int(raw["world_size"]),
-                       tasks={int(r): parts for r, parts in raw["tasks"].items()},
+                       partitions=parts, world_size=int(raw["world_size"]), tasks=tasks,
                        created_at=raw.get("created_at", ""), options=dict(raw.get("options") or {}))
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
             raise DataError(f"{source}: malformed plan ({exc!r})") from exc
 
 
@@ -208,9 +228,19 @@ def make_plan(config: RunConfig) -> Plan:
     plan = Plan(result_url=result, plan_hash=digest, config=cfg, partitions=parts, world_size=world,
                 tasks={r: [parts[i] for i in idx] for r, idx in enumerate(assignment)},
                 created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), options=options)
-    storage.write_json(storage.join(result, PLAN_NAME), plan.to_dict())
+    storage.write_json(storage.join(result, PLAN_NAME), plan.to_dict(), indent=None)
+    storage.write_json(storage.join(result, PLAN_HASH_NAME), {"plan_hash": plan.plan_hash})
     _write_tasks(plan)
     return plan
+
+
+def current_plan_hash(result_url: str) -> str | None:
+    """The hash of the plan now under ``result_url`` (from the small plan_hash.json, else plan.json)."""
+    url = storage.join(result_url, PLAN_HASH_NAME)
+    if storage.exists(url):
+        raw = storage.read_json(url)
+        return raw.get("plan_hash") if isinstance(raw, dict) else None
+    return load_plan(result_url).plan_hash
 
 
 def _same_config(old: dict[str, Any], new: dict[str, Any], default_world: bool) -> bool:
@@ -243,7 +273,7 @@ def _write_tasks(plan: Plan) -> None:
     url = storage.join(plan.result_url, TASKS_NAME)
     tasks = plan.task_list()
     if not storage.exists(url) or storage.read_json(url) != tasks:
-        storage.write_json(url, tasks)
+        storage.write_json(url, tasks, indent=None)
 
 
 def _existing_plan(result_url: str) -> Plan | None:

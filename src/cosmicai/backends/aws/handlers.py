@@ -147,7 +147,7 @@ def infer(event: dict[str, Any], context: Any = None) -> dict[str, Any]:
     _INVOCATIONS += 1
     first = _INVOCATIONS == 1
     t0 = time.perf_counter()
-    record = run_task(result_url, rank, plan_hash=event.get("plan_hash"))
+    record = run_task(result_url, rank, plan_hash=event.get("plan_hash"), task=event.get("task"))
     return {"rank": rank, "status": "ok", "rows": record.get("rows"), "seconds": round(time.perf_counter() - t0, 3),
             "container_first_invocation": first, "init_s": round(INIT_S, 3) if first else None,
             "plan_hash": record.get("plan_hash")}
