@@ -35,17 +35,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point: parse ``argv`` and run the chosen command; bad input exits 2 with a one-line reason."""
+    """Entry point: parse ``argv`` and run the chosen command; bad input exits 2 with a one-line reason.
+
+    SIGTERM (``kill PID``, a driver's ``Popen.terminate()``) takes the Ctrl-C path: the workers are stopped,
+    completed work is kept, and the exit status is 143 (130 for Ctrl-C).
+    """
+    from .backends.lifetime import Terminated, sigterm_as_interrupt
+
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
     try:
-        rc = args.func(args)
+        with sigterm_as_interrupt():
+            rc = args.func(args)
     except CaiError as exc:
         print(f"cai: error: {exc}", file=sys.stderr)
         return 2
+    except Terminated as exc:
+        print(f"cai: terminated (signal {exc.signum}); completed work is kept and a rerun resumes it",
+              file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
         print("cai: interrupted; completed work is kept and a rerun resumes it", file=sys.stderr)
         return 130

@@ -9,6 +9,13 @@ Three ways to get workers:
 
 Each task is submitted with ``retries`` (covers exceptions raised by the task); tasks of a worker that dies
 are rescheduled by Dask on another worker. The model is cached per worker process by the pipeline.
+
+No process outlives the run: the worker processes of a LocalCluster started here are children of this process
+(its nannies run inside it), and distributed's own ``AsyncProcess`` makes each one exit the moment this process
+dies, SIGKILL included (a thread in the worker reads a pipe that only the parent holds open and calls
+``os._exit`` at EOF). tests/test_process_lifetime.py checks it with a real SIGKILL, so no extra guard is added.
+On SIGTERM, the CLI raises an interrupt (:mod:`.lifetime`): pending tasks are cancelled and :meth:`DaskBackend.close`
+closes the cluster.
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
+import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Callable, Iterator
@@ -11,7 +13,41 @@ from typing import Any, Callable, Iterator
 from ..errors import ConfigError
 
 
-def _init_worker(threads: int) -> None:
+_IN_TASK = False
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    """In a pool worker: SIGTERM (the backend stopping an interrupted run) unwinds a running task, else exits."""
+    if not _IN_TASK:
+        os._exit(128 + signum)
+    from .lifetime import Terminated
+
+    signal.signal(signum, signal.SIG_DFL)
+    raise Terminated(signum)  # the task's clean-up runs (temporary files removed); _call then exits
+
+
+def _call(fn: Callable[..., dict], task: dict) -> dict:
+    """Run one task in a pool worker; a SIGTERM during it ends the worker once the task has unwound."""
+    from .lifetime import Terminated
+
+    global _IN_TASK
+    _IN_TASK = True
+    try:
+        return fn(**task)
+    except Terminated as exc:
+        os._exit(exc.exit_code)  # nothing more of this run is wanted: do not take the next queued task
+    finally:
+        _IN_TASK = False
+
+
+def _init_worker(threads: int, parent_pid: int | None = None) -> None:
+    # First: this worker exits when the cai process dies (SIGKILL, OOM), instead of running on with PPID 1.
+    if parent_pid is not None:
+        from .lifetime import die_with_parent
+
+        die_with_parent(parent_pid)
+        if hasattr(signal, "SIGTERM"):
+            signal.signal(signal.SIGTERM, _on_sigterm)
     # Before torch starts its thread pools in this fresh (spawned) process.
     os.environ["OMP_NUM_THREADS"] = str(threads)
     os.environ["MKL_NUM_THREADS"] = str(threads)
@@ -30,12 +66,31 @@ def default_workers_threads(workers: int | None, threads: int | None) -> tuple[i
     return workers, threads
 
 
+def _stop(procs: list, grace_s: float = 2.0) -> None:
+    """SIGTERM the pool's worker processes, then SIGKILL any still alive after ``grace_s``; reap them all."""
+    for proc in procs:
+        try:
+            proc.terminate()
+        except (OSError, ValueError, AttributeError):
+            pass
+    deadline = time.monotonic() + grace_s
+    for proc in procs:
+        try:
+            proc.join(max(0.0, deadline - time.monotonic()))
+            if proc.is_alive():
+                proc.kill()
+                proc.join(grace_s)
+        except (OSError, ValueError, AttributeError, AssertionError):
+            pass
+
+
 class LocalBackend:
     """``workers`` processes (spawn context) with ``threads`` torch threads each.
 
     With ``workers=1`` tasks run in this process by default (``in_process``), which avoids the start-up of a
-    fresh interpreter and lets the caller's model cache be reused. Ctrl-C cancels pending tasks; finished ranks
-    keep their outputs, so a rerun resumes.
+    fresh interpreter and lets the caller's model cache be reused. Ctrl-C (or SIGTERM, turned into the same
+    interrupt by the CLI) cancels pending tasks and stops the workers; finished ranks keep their outputs, so a
+    rerun resumes. Workers exit on their own when this process dies (see :mod:`.lifetime`).
     """
 
     name = "local"
@@ -53,7 +108,7 @@ class LocalBackend:
                 self.threads = default_workers_threads(procs, None)[1]
             ctx = multiprocessing.get_context("spawn")
             self._pool = ProcessPoolExecutor(max_workers=procs, mp_context=ctx,
-                                             initializer=_init_worker, initargs=(self.threads,))
+                                             initializer=_init_worker, initargs=(self.threads, os.getpid()))
         return self._pool
 
     def map(self, fn: Callable[..., dict], tasks: list[dict]) -> Iterator[tuple[dict, dict | BaseException]]:
@@ -64,7 +119,7 @@ class LocalBackend:
             yield from self._map_in_process(fn, tasks)
             return
         pool = self._get_pool(len(tasks))
-        futures: dict[Future, dict] = {pool.submit(fn, **task): task for task in tasks}
+        futures: dict[Future, dict] = {pool.submit(_call, fn, task): task for task in tasks}
         broken = False
         try:
             pending = set(futures)
@@ -76,10 +131,10 @@ class LocalBackend:
                     yield futures[fut], (exc if exc is not None else fut.result())
             if broken:  # a worker died (killed, out of memory): start a fresh pool next time
                 self.close(wait=False)
-        except BaseException:
+        except BaseException:  # interrupted (Ctrl-C, SIGTERM) or abandoned: no task of this run goes on
             for fut in futures:
                 fut.cancel()
-            self.close(wait=False)
+            self.close(wait=False, stop_workers=True)
             raise
 
     def _map_in_process(self, fn: Callable[..., dict], tasks: list[dict]) -> Iterator[tuple[dict, Any]]:
@@ -100,11 +155,18 @@ class LocalBackend:
             configure_worker(before_worker)
             torch.set_num_threads(before)
 
-    def close(self, wait: bool = True) -> None:
-        """Shut the pool down (pending tasks are cancelled)."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=wait, cancel_futures=True)
-            self._pool = None
+    def close(self, wait: bool = True, stop_workers: bool = False) -> None:
+        """Shut the pool down (pending tasks are cancelled); ``stop_workers`` also ends running tasks at once.
+
+        A rank whose task is stopped writes nothing under its final names (outputs are written atomically), so a
+        rerun redoes it.
+        """
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        procs = list((getattr(pool, "_processes", None) or {}).values()) if stop_workers else []
+        pool.shutdown(wait=wait and not procs, cancel_futures=True)
+        _stop(procs)
 
     def __enter__(self) -> "LocalBackend":
         return self
