@@ -28,8 +28,9 @@ def test_pipeline_on_s3(tiny_dataset, s3_url):
                                                                   for r in (0, 1)]
     table = pq.read_table(io.BytesIO(storage.read_bytes(storage.join(result, "predictions.parquet"))))
     assert table.column("object_id").to_pylist() == list(range(48))
-    assert storage.read_json(storage.join(result, "tasks.json")) == [{"result_url": result, "rank": 0},
-                                                                     {"result_url": result, "rank": 1}]
+    tasks = storage.read_json(storage.join(result, "tasks.json"))
+    assert [(t["result_url"], t["rank"], t["plan_hash"]) for t in tasks] == [(result, r, summary["plan_hash"])
+                                                                              for r in (0, 1)]
     # A rerun resumes everything, and summarize reads the same outputs back.
     again = run(config, progress=False)
     assert again["ranks_run"] == 0 and again["ranks_resumed"] == 2

@@ -23,7 +23,7 @@ import uuid
 from typing import Any
 
 from .. import storage
-from ..errors import ConfigError
+from ..errors import ConfigError, StorageError
 
 LEASE_NAME = "lease.json"
 HEARTBEAT_S = 15.0
@@ -68,10 +68,10 @@ def _create_exclusive(url: str, data: bytes) -> bool:
             fh.write(data)
     except FileExistsError:
         return False
-    except OSError as exc:  # a 412 Precondition Failed surfaces as an OSError subclass in some s3fs versions
+    except Exception as exc:  # noqa: BLE001 - s3fs/botocore errors vary; a 412 means someone else created it
         if "412" in str(exc) or "PreconditionFailed" in str(exc):
             return False
-        raise
+        raise StorageError(f"{url}: cannot create the run's lease ({type(exc).__name__}: {exc})") from exc
     return True
 
 

@@ -187,11 +187,12 @@ def plan_contents(config: RunConfig) -> tuple[dict[str, Any], list[dict[str, Any
     return cfg, parts, plan_hash(cfg, parts)
 
 
-def make_plan(config: RunConfig) -> Plan:
+def make_plan(config: RunConfig, contents: tuple[dict[str, Any], list[dict[str, Any]], str] | None = None) -> Plan:
     """List partitions, assign ranks, and write ``plan.json`` and ``tasks.json`` under ``config.result``.
 
     Re-planning with the same config keeps the existing plan (same hash, so completed ranks are resumed); a
     different config into a result URL that already holds a run is a ConfigError unless ``config.overwrite``.
+    ``contents``: :func:`plan_contents` already computed for ``config`` (saves listing the dataset twice).
     """
     from ..models import check_model_name
 
@@ -199,7 +200,7 @@ def make_plan(config: RunConfig) -> Plan:
         check_model_name(config.model)  # before any partition is listed or worker started
     except CaiError as exc:
         raise ConfigError(f"model: {exc}") from exc
-    cfg, parts, digest = plan_contents(config)
+    cfg, parts, digest = contents or plan_contents(config)
     world = cfg["world_size"]
     result = config.result
     options = {"prefetch": bool(config.prefetch)}

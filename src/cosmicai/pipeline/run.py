@@ -51,8 +51,10 @@ def run(config: RunConfig, backend: Any = None, progress: bool = True, report: b
 
 def _run(config: RunConfig, backend: Any, progress: bool, report: bool | None) -> dict[str, Any]:
     _check_before_planning(config)
-    finished = _finished_summary(config)
+    contents = plan_contents(config)  # data and weights problems are named here, before anything is written
+    finished = _finished_summary(config, contents[2])
     if finished is not None:  # nothing to do: report it without writing (works on a read-only result folder)
+        finished["ranks_run"], finished["ranks_resumed"] = 0, (finished.get("completeness") or {}).get("ranks_done")
         if (report if report is not None else progress):
             print(format_report(finished))
         return finished
@@ -60,7 +62,7 @@ def _run(config: RunConfig, backend: Any, progress: bool, report: bool | None) -
         if lease.took_over is not None:
             print(f"note: took over {config.result} from a run that is gone ({describe(lease.took_over)})",
                   file=sys.stderr)
-        return _run_leased(config, backend, progress, report)
+        return _run_leased(config, backend, progress, report, contents)
 
 
 def _check_before_planning(config: RunConfig) -> None:
@@ -76,23 +78,29 @@ def _check_before_planning(config: RunConfig) -> None:
         raise ConfigError(f"weights: {config.weights} does not exist")
 
 
-def _finished_summary(config: RunConfig) -> dict[str, Any] | None:
-    """The stored summary when ``config``'s plan is already complete under ``config.result`` (read only)."""
-    summary_url = storage.join(config.result, SUMMARY_NAME)
-    if config.overwrite or not storage.exists(summary_url) or not storage.exists(storage.join(config.result, PLAN_NAME)):
+def _finished_summary(config: RunConfig, digest: str) -> dict[str, Any] | None:
+    """The stored summary when ``config``'s plan is already complete under ``config.result`` (read only).
+
+    Any error here (an unreadable result path, refused credentials) means "not finished": planning then reports
+    it with the data or result path it concerns."""
+    if config.overwrite:
         return None
     try:
+        summary_url = storage.join(config.result, SUMMARY_NAME)
+        if not storage.exists(summary_url) or not storage.exists(storage.join(config.result, PLAN_NAME)):
+            return None
         stored = storage.read_json(summary_url)
-        _, _, digest = plan_contents(config)
+        if not isinstance(stored, dict) or not (stored.get("completeness") or {}).get("complete"):
+            return None
     except CaiError:
         return None
-    complete = isinstance(stored, dict) and (stored.get("completeness") or {}).get("complete")
-    return stored if complete and stored.get("plan_hash") == digest else None
+    return stored if stored.get("plan_hash") == digest else None
 
 
-def _run_leased(config: RunConfig, backend: Any, progress: bool, report: bool | None) -> dict[str, Any]:
+def _run_leased(config: RunConfig, backend: Any, progress: bool, report: bool | None,
+                contents: tuple[dict[str, Any], list[dict[str, Any]], str]) -> dict[str, Any]:
     t0 = time.perf_counter()
-    plan = make_plan(config)
+    plan = make_plan(config, contents)
     plan_s = time.perf_counter() - t0
     done = done_ranks(plan)
     todo = [t for t in plan.task_list() if t["rank"] not in done]
