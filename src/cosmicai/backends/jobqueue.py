@@ -126,6 +126,12 @@ def spec_from_mapping(data: dict[str, Any], source: str = "cluster config") -> J
     data = {k.replace("-", "_"): v for k, v in data.items()}
     if "cluster" in data and "kind" not in data:
         data["kind"] = data.pop("cluster")
+    if "gpus_per_job" in data:  # the long name of `gpus`, as on the command line (--gpus-per-job)
+        per_job = data.pop("gpus_per_job")
+        if "gpus" in data and data["gpus"] != per_job:
+            raise ConfigError(f"{source}: gpus ({data['gpus']!r}) and gpus_per_job ({per_job!r}) disagree; "
+                              "give one of them")
+        data["gpus"] = per_job
     unknown = sorted(set(data) - known - {"run"})
     if unknown:
         raise ConfigError(f"{source}: unknown cluster option(s) {', '.join(unknown)}; "

@@ -33,7 +33,10 @@ def register(subparsers: Any) -> None:
         p.add_argument("--cores", type=int, help="cores per job (default 1)")
         p.add_argument("--memory", help="memory per job, e.g. 32GB (default 4GB)")
         p.add_argument("--walltime", help="job time limit HH:MM:SS (default 01:00:00)")
-        p.add_argument("--gpus", type=int, help="GPUs per job; one worker process per GPU, runs use --device cuda")
+        p.add_argument("--gpus-per-job", "--gpus", dest="gpus", type=int, metavar="N",
+                       help=f"GPUs per job ({'#SBATCH --gres=gpu:N' if kind == 'slurm' else 'select ...:ngpus=N'}); "
+                            "one worker process per GPU, each pinned to its own GPU and started with the "
+                            "resource GPU=1; the run uses --device cuda")
         p.add_argument("--processes", type=int,
                        help="worker processes per job (default: one per GPU, else 1); each runs one task at a "
                             "time with cores/processes threads")
@@ -75,6 +78,8 @@ def build_spec(args: argparse.Namespace) -> tuple[Any, list[str]]:
         value = getattr(args, name, None)
         if value is not None:
             data[name] = value
+            if name == "gpus":  # --gpus-per-job on the command line overrides the file's gpus_per_job too
+                data.pop("gpus_per_job", None)
     run = data.pop("run", None)
     run_args = list(args.run_args)
     if not run_args and run is not None:
