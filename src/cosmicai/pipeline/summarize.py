@@ -3,19 +3,32 @@
 Writes ``combined_data.json`` (the original's list of per-rank records), ``predictions.parquet`` (one table in
 plan order: rank, partition, row) and ``summary.json``. Only reads what the ranks wrote, so running it twice
 gives the same files.
+
+Memory is bounded whatever the number of ranks: the ranks' predictions are read a window at a time
+(``READ_AHEAD`` files, ``READ_THREADS`` requests in flight) in rank order and streamed into
+``predictions.parquet`` one row group at a time, the partition column kept dictionary-encoded; the metrics are
+accumulated chunk by chunk (:class:`~cosmicai.pipeline.metrics.MetricsAccumulator`). What stays is the records,
+one float64 dz per scored row (for the medians) and a row group or two of predictions.
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
+import json
 import math
-from collections import defaultdict
+import os
+import tempfile
+from collections import defaultdict, deque
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 from .. import storage
 from ..data.formats import INPUT_BITS_PER_SAMPLE
-from ..errors import CaiError, DataError
-from .metrics import redshift_metrics
+from ..errors import CaiError, DataError, StorageError
+from .metrics import MetricsAccumulator
 from .plan import Plan, load_plan
 from .records import (COMBINED_NAME, ERRORS_DIR, ORIGINAL_KEYS, PREDICTIONS_NAME, RANKS_DIR, RUN_NAME, SUMMARY_NAME,
                       predictions_url, rank_of)
@@ -23,14 +36,24 @@ from .records import (COMBINED_NAME, ERRORS_DIR, ORIGINAL_KEYS, PREDICTIONS_NAME
 PHASES = ("fetch", "decode", "model_load", "fast_check", "inference", "write", "wait")
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
+
+
 class IncompleteRunError(CaiError):
     """Some ranks are missing or failed, or rows in != rows out."""
 
 
-def _read_records(plan: Plan, folder: str) -> dict[int, dict[str, Any]]:
+def _read_records(plan: Plan, folder: str, reader: "_ObjectReader | None" = None) -> dict[int, dict[str, Any]]:
+    reader = reader or _ObjectReader(plan.result_url)
     out = {}
     urls = [u for u in storage.list_files(storage.join(plan.result_url, folder), ".json") if rank_of(u) is not None]
-    for url, rec in zip(urls, storage.map_urls(storage.read_json, urls)):
+    for url, rec in zip(urls, storage.map_urls(reader.read_json, urls, threads=READ_THREADS)):
         if isinstance(rec, BaseException):
             raise rec
         if isinstance(rec, dict) and rec.get("plan_hash") == plan.plan_hash:
@@ -73,14 +96,12 @@ def summarize(result_url: str, allow_failures: bool = False) -> dict[str, Any]:
     """Check completeness against the plan, write the combined outputs and return the summary.
 
     Raises IncompleteRunError naming missing or failed ranks (and any row-count mismatch) unless
-    ``allow_failures``; the files are written either way.
+    ``allow_failures``; the files are written either way. Memory is bounded (see the module docstring).
     """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     plan = load_plan(result_url)
-    records = _read_records(plan, RANKS_DIR)
-    errors = {r: e for r, e in _read_errors(plan).items() if r not in records}
+    reader = _ObjectReader(result_url)
+    records = _read_records(plan, RANKS_DIR, reader)
+    errors = {r: e for r, e in _read_records(plan, ERRORS_DIR, reader).items() if r not in records}
     planned = plan.ranks
     stray = sorted(set(records) - set(planned))
     if stray:
@@ -88,69 +109,56 @@ def summarize(result_url: str, allow_failures: bool = False) -> dict[str, Any]:
     failed = sorted(r for r in errors if r in planned)
     missing = sorted(r for r in planned if r not in records and r not in errors)
 
-    tables, problems = [], []
-    rows_in = rows_out = 0
-    part_done: dict[str, int] = {}
-    unreadable: list[int] = []
-    order = sorted(records)
-    sources = storage.map_urls(_pq_source, [predictions_url(result_url, rank) for rank in order])
-    for rank, source in zip(order, sources):
-        rec = records[rank]
+    columns: dict[str, Any] | None = None
+    while True:
+        gathered = _Gathered(plan, records, columns, reader)
         try:
-            if isinstance(source, BaseException):
-                raise source
-            table = pq.read_table(source)
-        except (pa.ArrowException, OSError, CaiError) as exc:
-            problems.append(f"rank {rank}: {predictions_url(result_url, rank)} is unreadable ({exc}); "
-                            f"a rerun redoes this rank")
-            unreadable.append(rank)
-            continue
-        names = [p["name"] for p in plan.tasks[rank]]
-        if rec.get("partitions") != names:
-            problems.append(f"rank {rank} processed {rec.get('partitions')} but the plan assigns {names}")
-        counts = _partition_counts(table)
-        for p in plan.tasks[rank]:
-            expected = p["rows"] if p.get("rows") is not None else rec.get("partition_rows", {}).get(p["name"])
-            got = int(counts.get(p["name"], 0))
-            rows_in += int(expected or 0)
-            if expected is None or got != int(expected):
-                problems.append(f"partition {p['name']} (rank {rank}): {expected} rows in, {got} rows out")
-            part_done[p["name"]] = part_done.get(p["name"], 0) + 1
-        rows_out += table.num_rows
-        tables.append(table)
-    for rank in unreadable:
-        del records[rank]
-    missing = sorted(missing + unreadable)
-    twice = sorted(name for name, count in part_done.items() if count > 1)
-    if twice:
-        problems.append(f"partition(s) {twice[:10]} were predicted more than once")
-    combined = _combine(tables) if tables else None
+            gathered.run()
+            break
+        except _NewColumn as grow:  # a later rank has a column the first did not: redo with it (rare)
+            gathered.abort()
+            columns = grow.columns
+        except BaseException:
+            gathered.abort()
+            raise
+    try:
+        for rank in gathered.unreadable:
+            del records[rank]
+        missing = sorted(missing + gathered.unreadable)
+        problems, part_done = gathered.problems, gathered.part_done
+        twice = sorted(name for name, count in part_done.items() if count > 1)
+        if twice:
+            problems.append(f"partition(s) {twice[:10]} were predicted more than once")
 
-    planned_rows = plan.total_rows
-    summary: dict[str, Any] = {
-        "result_url": result_url, "data_url": plan.data_url, "plan_hash": plan.plan_hash,
-        "model": plan.config.get("model"), "mode": plan.config.get("mode"), "device": plan.config.get("device"),
-        "batch_size": plan.config.get("batch_size"), "world_size": plan.world_size,
-        "completeness": {
-            "complete": not (missing or failed or problems) and len(part_done) == len(plan.partitions),
-            "ranks_planned": len(planned), "ranks_done": len(records), "missing_ranks": missing,
-            "failed_ranks": failed, "partitions_planned": len(plan.partitions), "partitions_done": len(part_done),
-            "rows_planned": planned_rows, "rows_in": rows_in, "rows_out": rows_out, "problems": problems},
-        "failures": [{k: errors[r].get(k) for k in ("rank", "partitions", "error_type", "message")}
-                     for r in failed],
-    }
-    summary.update(_timing(plan, records, rows_out))
-    summary.update(_modes_used(plan, records))
-    summary["metrics"] = _metrics(combined)
+        rows_out = gathered.rows_out
+        planned_rows = plan.total_rows
+        summary: dict[str, Any] = {
+            "result_url": result_url, "data_url": plan.data_url, "plan_hash": plan.plan_hash,
+            "model": plan.config.get("model"), "mode": plan.config.get("mode"), "device": plan.config.get("device"),
+            "batch_size": plan.config.get("batch_size"), "world_size": plan.world_size,
+            "completeness": {
+                "complete": not (missing or failed or problems) and len(part_done) == len(plan.partitions),
+                "ranks_planned": len(planned), "ranks_done": len(records), "missing_ranks": missing,
+                "failed_ranks": failed, "partitions_planned": len(plan.partitions), "partitions_done": len(part_done),
+                "rows_planned": planned_rows, "rows_in": gathered.rows_in, "rows_out": rows_out,
+                "problems": problems},
+            "failures": [{k: errors[r].get(k) for k in ("rank", "partitions", "error_type", "message")}
+                         for r in failed],
+        }
+        summary.update(_timing(plan, records, rows_out))
+        summary.update(_modes_used(plan, records))
+        summary["nonfinite_predictions"] = gathered.nonfinite_summary()
+        summary["metrics"] = gathered.metrics.result() if gathered.metrics is not None else None
 
-    ordered = [_original_first(records[r]) for r in sorted(records)]
-    storage.write_json(storage.join(result_url, COMBINED_NAME), _clean(ordered))
-    if combined is not None:
-        sink = pa.BufferOutputStream()
-        pq.write_table(combined, sink)
-        storage.write_bytes(storage.join(result_url, PREDICTIONS_NAME), sink.getvalue().to_pybytes())
-    else:
-        storage.remove(storage.join(result_url, PREDICTIONS_NAME))
+        ordered = [_original_first(records[r]) for r in sorted(records)]
+        storage.write_json(storage.join(result_url, COMBINED_NAME), _clean(ordered))
+        if gathered.out is not None:
+            gathered.out.commit()
+        else:
+            storage.remove(storage.join(result_url, PREDICTIONS_NAME))
+    except BaseException:
+        gathered.abort()
+        raise
     summary = _clean(summary)
     storage.write_json(storage.join(result_url, SUMMARY_NAME), summary)
 
@@ -159,40 +167,414 @@ def summarize(result_url: str, allow_failures: bool = False) -> dict[str, Any]:
     return summary
 
 
-def _pq_source(url: str) -> Any:
+#: Columns of predictions.parquet, in this order (those the ranks wrote).
+OUTPUT_COLUMNS = ("object_id", "partition", "row", "z_pred", "z_true", "flag")
+#: Rows per row group of predictions.parquet: pyarrow's default, so the layout is the one ``write_table`` made.
+ROW_GROUP_ROWS = 1024 * 1024
+#: Rank outputs read ahead of the one being appended (bounds memory and outstanding requests on S3) ...
+READ_AHEAD = 32
+#: ... by this many threads.
+READ_THREADS = 16
+#: Partitions named in ``nonfinite_predictions`` (the count of all of them is given too).
+NAMED_PARTITIONS = 20
+
+
+class _NewColumn(Exception):
+    """A rank's table has an output column that the ranks before it lacked; ``columns``: all seen so far."""
+
+    def __init__(self, columns: dict[str, Any]) -> None:
+        super().__init__(sorted(columns))
+        self.columns = columns
+
+
+def _dictionary_type() -> Any:
     import pyarrow as pa
 
-    path = storage.local_path(url)
-    return path if path is not None else pa.BufferReader(storage.read_bytes(url))
+    return pa.dictionary(pa.int32(), pa.string())
 
 
-def _partition_counts(table: Any) -> dict[str, int]:
+class _Gathered:
+    """One pass over the ranks' predictions in rank order: the completeness checks, the streamed
+    ``predictions.parquet`` (``out``, committed by the caller) and the metrics and non-finite counts.
+
+    ``columns`` (name -> Arrow type) fixes the output schema; None takes it from the first readable rank."""
+
+    def __init__(self, plan: Plan, records: dict[int, dict[str, Any]], columns: dict[str, Any] | None,
+                 reader: "_ObjectReader") -> None:
+        self.plan, self.records, self.columns, self.reader = plan, records, columns, reader
+        self.problems: list[str] = []
+        self.part_done: dict[str, int] = {}
+        self.unreadable: list[int] = []
+        self.rows_in = self.rows_out = 0
+        self.out: _StreamedParquet | None = None
+        self.metrics: MetricsAccumulator | None = None
+        self.nonfinite_parts: dict[str, int] = {}
+        self.nonfinite_rows = 0
+        self.nonfinite_from_finite = 0
+        self._buffer: list[Any] = []
+        self._buffered = 0
+
+    def run(self) -> None:
+        import pyarrow as pa
+
+        plan, records = self.plan, self.records
+        order = sorted(records)
+        urls = [predictions_url(plan.result_url, rank) for rank in order]
+        with contextlib.closing(_read_ahead(self.reader.read_table, urls, READ_AHEAD, READ_THREADS)) as tables:
+            for rank, url, table in zip(order, urls, tables):
+                rec = records[rank]
+                try:
+                    if isinstance(table, BaseException):
+                        raise table
+                    counts = _partition_counts(table)
+                    table = self._conform(table)
+                except (pa.ArrowException, OSError, CaiError) as exc:
+                    self.problems.append(f"rank {rank}: {url} is unreadable ({exc}); a rerun redoes this rank")
+                    self.unreadable.append(rank)
+                    continue
+                self._check(rank, rec, counts)
+                self.rows_out += table.num_rows
+                self._score(rec, table)
+                self._append(table)
+        self._flush(final=True)
+
+    def _check(self, rank: int, rec: dict[str, Any], counts: dict[str, int]) -> None:
+        """The rank processed the partitions the plan assigns it, each with rows in == rows out."""
+        plan = self.plan
+        names = [p["name"] for p in plan.tasks[rank]]
+        if rec.get("partitions") != names:
+            self.problems.append(f"rank {rank} processed {rec.get('partitions')} but the plan assigns {names}")
+        for p in plan.tasks[rank]:
+            expected = p["rows"] if p.get("rows") is not None else rec.get("partition_rows", {}).get(p["name"])
+            got = int(counts.get(p["name"], 0))
+            self.rows_in += int(expected or 0)
+            if expected is None or got != int(expected):
+                self.problems.append(f"partition {p['name']} (rank {rank}): {expected} rows in, {got} rows out")
+            self.part_done[p["name"]] = self.part_done.get(p["name"], 0) + 1
+
+    # -- the output schema ------------------------------------------------------------------------------
+    def _conform(self, table: Any) -> Any:
+        """``table`` with the output columns in order and types (partition as dictionary<int32, string>);
+        columns a rank lacks are null (as ``concat_tables(promote_options="default")`` made them)."""
+        import pyarrow as pa
+
+        present = {name: table.schema.field(name).type for name in OUTPUT_COLUMNS if name in table.column_names}
+        if "partition" in present:
+            present["partition"] = _dictionary_type()
+        if self.columns is None:
+            self.columns = present
+        elif set(present) - set(self.columns):
+            raise _NewColumn({name: self.columns.get(name, present.get(name)) for name in OUTPUT_COLUMNS
+                              if name in self.columns or name in present})
+        arrays = []
+        for name, typ in self.columns.items():
+            if name not in present:
+                arrays.append(pa.chunked_array([pa.nulls(table.num_rows, typ)], type=typ))
+            elif name == "partition":
+                arrays.append(_as_dictionary(table.column(name)))
+            else:
+                col = table.column(name)
+                arrays.append(col if col.type == typ else col.cast(typ))
+        schema = pa.schema([pa.field(name, typ) for name, typ in self.columns.items()])
+        return pa.Table.from_arrays(arrays, schema=schema)
+
+    # -- metrics and non-finite predictions -------------------------------------------------------------
+    def _score(self, rec: dict[str, Any], table: Any) -> None:
+        import numpy as np
+
+        if "z_pred" not in table.column_names:
+            return
+        zp = table.column("z_pred").to_numpy()
+        if "z_true" in table.column_names:
+            if self.metrics is None:
+                self.metrics = MetricsAccumulator(capacity=sum(int(r.get("rows") or 0) for r in self.records.values()))
+            self.metrics.add(zp, table.column("z_true").to_numpy())
+        bad = ~np.isfinite(zp)
+        n_bad = int(np.count_nonzero(bad))
+        if not n_bad:
+            return
+        self.nonfinite_rows += n_bad
+        from_finite = rec.get("nonfinite_predictions")
+        if isinstance(from_finite, dict):  # the worker counted the rows whose inputs were finite
+            self.nonfinite_from_finite += sum(int(v) for v in from_finite.values())
+        elif "flag" in table.column_names:  # older records: the unflagged rows
+            flag = table.column("flag").to_numpy()
+            self.nonfinite_from_finite += int(np.count_nonzero(bad & ~np.asarray(flag, dtype=bool)))
+        if "partition" in table.column_names:
+            where = np.flatnonzero(bad)
+            for name, count in _value_counts(table.column("partition").take(where)).items():
+                self.nonfinite_parts[name] = self.nonfinite_parts.get(name, 0) + count
+
+    def nonfinite_summary(self) -> dict[str, Any]:
+        """``{"rows", "from_finite_inputs", "n_partitions", "partitions"}``: rows whose prediction is NaN/inf,
+        how many of them had finite inputs (the model overflowed), and the partitions holding them (the first
+        ``NAMED_PARTITIONS`` in plan order, with their counts in ``by_partition``)."""
+        named = list(self.nonfinite_parts)[:NAMED_PARTITIONS]
+        return {"rows": self.nonfinite_rows, "from_finite_inputs": self.nonfinite_from_finite,
+                "n_partitions": len(self.nonfinite_parts), "partitions": named,
+                "by_partition": {name: self.nonfinite_parts[name] for name in named}}
+
+    # -- streaming the output ---------------------------------------------------------------------------
+    def _append(self, table: Any) -> None:
+        if self.out is None:
+            self.out = _StreamedParquet(storage.join(self.plan.result_url, PREDICTIONS_NAME), table.schema)
+        if table.num_rows:
+            self._buffer.append(table)
+            self._buffered += table.num_rows
+            if self._buffered >= ROW_GROUP_ROWS:
+                self._flush(final=False)
+
+    def _flush(self, final: bool) -> None:
+        """Write whole row groups of ``ROW_GROUP_ROWS`` (the rest too when ``final``), one dictionary each."""
+        import pyarrow as pa
+
+        if not self._buffer or self.out is None:
+            return
+        table = pa.concat_tables(self._buffer) if len(self._buffer) > 1 else self._buffer[0]
+        self._buffer, self._buffered = [], 0
+        while table.num_rows >= ROW_GROUP_ROWS or (final and table.num_rows):
+            group = table.slice(0, ROW_GROUP_ROWS)
+            self.out.write(group.unify_dictionaries().combine_chunks())
+            table = table.slice(group.num_rows)
+        if table.num_rows:
+            self._buffer, self._buffered = [table], table.num_rows
+
+    def abort(self) -> None:
+        """Discard a predictions file being written (the old one, if any, stays as it was)."""
+        if self.out is not None:
+            self.out.abort()
+            self.out = None
+
+
+class _KeepOpen:
+    """A write-only view of a file object whose ``close`` does not close it (pyarrow closes its sink when the
+    Parquet writer closes; committing or discarding the file is :class:`_StreamedParquet`'s decision)."""
+
+    def __init__(self, fh: Any) -> None:
+        self._fh = fh
+        self.closed = False
+
+    def write(self, data: Any) -> int:
+        return self._fh.write(data)
+
+    def tell(self) -> int:
+        return self._fh.tell()
+
+    def flush(self) -> None:
+        self._fh.flush()
+
+    def writable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class _StreamedParquet:
+    """``predictions.parquet`` written row group by row group, appearing atomically on :meth:`commit`.
+
+    Locally it is written to a temporary name in the same folder, fsynced and renamed (as
+    ``storage.write_bytes`` does); on S3 through an fsspec file, a multipart upload whose object only appears
+    when the upload completes (a single PUT when it is small). :meth:`abort` removes the temporary file or aborts
+    the upload, so readers see the old file or the whole new one, never a part."""
+
+    def __init__(self, url: str, schema: Any) -> None:
+        import pyarrow.parquet as pq
+
+        self.url = url
+        self._tmp: str | None = None
+        self._fh: Any = None
+        lpath = storage.local_path(url)
+        try:
+            if lpath is not None:
+                folder = os.path.dirname(os.path.abspath(lpath))
+                os.makedirs(folder, exist_ok=True)
+                fd, self._tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+                os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
+                self._fh = os.fdopen(fd, "wb")
+                self._final = lpath
+            else:
+                fs, path = storage.filesystem(url)
+                self._fh = fs.open(path, "wb")
+            self._writer = pq.ParquetWriter(_KeepOpen(self._fh), schema)
+        except storage._REMOTE_ERRORS as exc:
+            self.abort()
+            raise StorageError(f"{url}: cannot write ({exc})") from exc
+
+    def write(self, table: Any) -> None:
+        try:
+            self._writer.write_table(table, row_group_size=ROW_GROUP_ROWS)
+        except storage._REMOTE_ERRORS as exc:
+            raise StorageError(f"{self.url}: cannot write ({exc})") from exc
+
+    def commit(self) -> None:
+        try:
+            self._writer.close()
+            if self._tmp is not None:
+                self._fh.flush()
+                os.fsync(self._fh.fileno())  # never an empty file under the final name after a crash
+                self._fh.close()
+                os.replace(self._tmp, self._final)
+                self._tmp = None
+            else:
+                self._fh.close()  # completes the upload: the object appears now
+            self._fh = None
+        except storage._REMOTE_ERRORS as exc:
+            self.abort()
+            raise StorageError(f"{self.url}: cannot write ({exc})") from exc
+
+    def abort(self) -> None:
+        writer = getattr(self, "_writer", None)
+        if writer is not None and writer.is_open:
+            try:
+                writer.close()  # into the view only; the file itself is discarded below
+            except Exception:  # noqa: BLE001 - already failing; the file is thrown away
+                pass
+        fh, self._fh = self._fh, None
+        if self._tmp is not None:
+            if fh is not None:
+                fh.close()
+            if os.path.exists(self._tmp):
+                os.unlink(self._tmp)
+            self._tmp = None
+        elif fh is not None and not fh.closed:
+            try:
+                fh.discard()  # s3fs: abort the multipart upload
+            finally:
+                fh.closed = True  # never completed later (fsspec closes files when collected)
+
+
+class _ObjectReader:
+    """Whole-object reads for summarize: local files directly, S3 objects through pyarrow's S3 client.
+
+    Summarize reads two small objects per rank (its record and its predictions); through s3fs each GET costs
+    about 2.5 ms of Python CPU under the GIL, which alone is about 50 s at 10,240 ranks. pyarrow's C++ client
+    does the same GETs with a quarter of the CPU and without the GIL. It is configured like ``storage`` (the
+    endpoint from ``storage.s3_endpoint()``, credentials from the standard AWS chain) and used only to read:
+    any failure falls back to ``storage.read_bytes`` for that object, so errors, retries and messages are
+    storage's; after a few failures that storage then read fine, the fast path is switched off for the run."""
+
+    FALLBACKS_BEFORE_OFF = 4
+
+    def __init__(self, result_url: str) -> None:
+        self._fs = _arrow_s3(result_url) if result_url.startswith(("s3://", "s3a://")) else None
+        self._fallbacks = 0
+
+    def read_bytes(self, url: str) -> bytes:
+        fs = self._fs
+        if fs is not None:
+            try:
+                with fs.open_input_stream(url.split("://", 1)[1], compression=None) as fh:
+                    return fh.read()
+            except Exception:  # noqa: BLE001 - storage reads it again and names the problem its own way
+                data = storage.read_bytes(url)
+                self._fallbacks += 1
+                if self._fallbacks >= self.FALLBACKS_BEFORE_OFF:
+                    self._fs = None
+                return data
+        return storage.read_bytes(url)
+
+    def read_json(self, url: str) -> Any:
+        raw = self.read_bytes(url)
+        try:
+            return json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise StorageError(f"{url}: not valid JSON ({exc})") from exc
+
+    def read_table(self, url: str) -> Any:
+        """One rank's predictions table, whole (a damaged file fails here, before anything of it is used)."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        path = storage.local_path(url)
+        source = path if path is not None else pa.BufferReader(self.read_bytes(url))
+        return pq.read_table(source, use_threads=False)
+
+
+def _arrow_s3(url: str) -> Any:
+    """A pyarrow S3FileSystem for reading ``url``'s bucket, or None when pyarrow cannot make one here."""
+    try:
+        import pyarrow.fs as pafs
+
+        opts: dict[str, Any] = {"allow_delayed_open": True}
+        endpoint = storage.s3_endpoint()
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        if endpoint:
+            parts = urlsplit(endpoint if "://" in endpoint else f"https://{endpoint}")
+            opts.update(endpoint_override=parts.netloc + parts.path.rstrip("/"), scheme=parts.scheme or "https")
+        elif not region:
+            region = pafs.resolve_s3_region(url.split("://", 1)[1].split("/", 1)[0])
+        if region:
+            opts["region"] = region
+        return pafs.S3FileSystem(**opts)
+    except Exception:  # noqa: BLE001 - no S3 support in this pyarrow, no region...: storage reads everything
+        return None
+
+
+def _read_ahead(fn: Any, urls: list[str], ahead: int = READ_AHEAD, threads: int = READ_THREADS) -> Any:
+    """``fn(url)`` for each url, yielded in order, with at most ``ahead`` calls started and not yet consumed
+    (on ``threads`` threads); an exception is yielded in place of its result."""
+    if not urls:
+        return
+    pool = ThreadPoolExecutor(max_workers=max(1, min(threads, len(urls))), thread_name_prefix="cai-summarize")
+    pending: deque = deque()
+    try:
+        it = iter(urls)
+        for url in itertools.islice(it, ahead):
+            pending.append(pool.submit(fn, url))
+        while pending:
+            future = pending.popleft()
+            nxt = next(it, None)
+            if nxt is not None:
+                pending.append(pool.submit(fn, nxt))
+            try:
+                result = future.result()
+            except Exception as exc:  # noqa: BLE001 - handed back to the caller, who names the URL
+                result = exc
+            yield result
+    finally:
+        for future in pending:
+            future.cancel()
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _as_dictionary(col: Any) -> Any:
+    """A partition column as dictionary<int32, string> chunks (never recast to one string per row)."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
+    want = _dictionary_type()
+    chunks = []
+    for chunk in col.chunks:
+        if chunk.type == want:
+            chunks.append(chunk)
+        elif pa.types.is_dictionary(chunk.type):
+            chunks.append(chunk.cast(want))
+        else:
+            chunks.append(pc.dictionary_encode(chunk.cast(pa.string())).cast(want))
+    return pa.chunked_array(chunks, type=want)
+
+
+def _value_counts(col: Any) -> dict[str, int]:
+    """``value -> rows`` of a (dictionary) string column, summed over its chunks."""
+    import pyarrow.compute as pc
+
+    out: dict[str, int] = {}
+    for chunk in col.chunks if hasattr(col, "chunks") else [col]:
+        if not len(chunk):
+            continue
+        vc = pc.value_counts(chunk)
+        for value, count in zip(vc.field("values").to_pylist(), vc.field("counts").to_pylist()):
+            out[value] = out.get(value, 0) + int(count)
+    return out
+
+
+def _partition_counts(table: Any) -> dict[str, int]:
     if not table.num_rows:
         return {}
-    col = table.column("partition").cast(pa.string()).combine_chunks()
-    vc = pc.value_counts(col)
-    return dict(zip(vc.field("values").to_pylist(), vc.field("counts").to_pylist()))
-
-
-def _read_errors(plan: Plan) -> dict[int, dict[str, Any]]:
-    return _read_records(plan, ERRORS_DIR)
-
-
-def _combine(tables: list[Any]) -> Any:
-    import pyarrow as pa
-
-    cast = []
-    for t in tables:
-        idx = t.schema.get_field_index("partition")
-        if pa.types.is_dictionary(t.schema.field(idx).type):
-            t = t.set_column(idx, "partition", t.column("partition").cast(pa.string()))
-        cast.append(t)
-    combined = pa.concat_tables(cast, promote_options="default")
-    order = ["object_id", "partition", "row", "z_pred", "z_true", "flag"]
-    return combined.select([c for c in order if c in combined.column_names])
+    if "partition" not in table.column_names:
+        raise DataError("no 'partition' column")
+    return _value_counts(table.column("partition"))
 
 
 def _original_first(rec: dict[str, Any]) -> dict[str, Any]:
@@ -256,14 +638,6 @@ def _modes_used(plan: Plan, records: dict[int, dict[str, Any]]) -> dict[str, Any
             "seconds": sum(float(c.get("seconds", 0.0)) for c in checks.values()),
         }
     return out
-
-
-def _metrics(table: Any) -> dict[str, Any] | None:
-    if table is None or "z_true" not in table.column_names:
-        return None
-    zt = table.column("z_true").to_numpy(zero_copy_only=False)
-    zp = table.column("z_pred").to_numpy(zero_copy_only=False)
-    return redshift_metrics(zp, zt)
 
 
 def incomplete_message(summary: dict[str, Any]) -> str:
