@@ -217,6 +217,12 @@ def test_extreme_finite_inputs_are_flagged_and_counted(tmp_path):
     record = json.loads((result / "ranks" / "0.json").read_text())
     assert record["nonfinite_predictions"] == {"part-000001.safetensors": 2}
     assert summary["metrics"]["n"] == 4 and summary["metrics"]["n_excluded"] == 2
+    assert summary["nonfinite_predictions"]["rows"] == 2 and summary["nonfinite_predictions"]["partitions"] == [
+        "part-000001.safetensors"]
+    from cosmicai.pipeline.run import format_report
+
+    assert ("non-finite predictions: 2 row(s) flagged, 2 from finite inputs, in 1 partition(s): "
+            "part-000001.safetensors") in format_report(summary)
 
 
 def test_options_for_another_backend_are_refused(tmp_path):

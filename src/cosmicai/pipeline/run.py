@@ -185,6 +185,11 @@ def format_report(summary: dict[str, Any]) -> str:
         lines.append(f"  FAILED rank {f['rank']} {f['partitions']}: {f['error_type']}: {f['message']}")
     for p in comp.get("problems", []):
         lines.append(f"  problem: {p}")
+    bad = summary.get("nonfinite_predictions") or {}
+    if bad.get("rows"):
+        more = " ..." if bad["n_partitions"] > len(bad["partitions"]) else ""
+        lines.append(f"  non-finite predictions: {bad['rows']} row(s) flagged, {bad['from_finite_inputs']} from finite "
+                     f"inputs, in {bad['n_partitions']} partition(s): {', '.join(bad['partitions'])}{more}")
     fc = summary.get("fast_check")
     if fc:
         if fc.get("max_dz") is None:
