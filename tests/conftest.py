@@ -112,6 +112,21 @@ def make_random_partition(n: int, seed: int = 0, first_id: int = 0, redshift: bo
                      redshift=rng.uniform(0, 0.4, n).astype(np.float32) if redshift else None)
 
 
+def make_random_dataset(root, partitions: int, rows: int, seed: int = 0, description: str = "tests") -> str:
+    """A native dataset of ``partitions`` random partitions of ``rows`` rows (ids 0..), with its manifest."""
+    from cosmicai.data.formats import Manifest, PartitionEntry, encode_partition, sha256_hex, write_manifest
+
+    entries = []
+    for i in range(partitions):
+        data = encode_partition(make_random_partition(rows, seed=seed + i, first_id=i * rows))
+        name = f"part-{i + 1:06d}.safetensors"
+        (root / name).write_bytes(data)
+        entries.append(PartitionEntry(name=name, rows=rows, bytes=len(data), sha256=sha256_hex(data),
+                                      first_row=i * rows))
+    write_manifest(str(root), Manifest(partitions=entries, has_redshift=True, description=description))
+    return os.fspath(root)
+
+
 @pytest.fixture
 def random_partition():
     """Factory for random valid partitions: ``random_partition(n, seed=0, first_id=0, redshift=True)``."""

@@ -31,8 +31,7 @@ import psutil
 import pyarrow.parquet as pq
 import pytest
 
-from cosmicai.data.formats import Manifest, PartitionEntry, encode_partition, sha256_hex, write_manifest
-from conftest import make_random_partition
+from conftest import make_random_dataset
 
 TESTS = str(Path(__file__).resolve().parent)
 SLOW = "faultproxy:slow_model"
@@ -46,16 +45,8 @@ pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="POSIX si
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> str:
     """8 partitions of 6 rows (ids 0..47): one rank each, so a run is 8 tasks."""
-    root = tmp_path_factory.mktemp("lifetime_data")
-    entries = []
-    for i in range(PARTITIONS):
-        data = encode_partition(make_random_partition(ROWS, seed=500 + i, first_id=i * ROWS))
-        name = f"part-{i + 1:06d}.safetensors"
-        (root / name).write_bytes(data)
-        entries.append(PartitionEntry(name=name, rows=ROWS, bytes=len(data), sha256=sha256_hex(data),
-                                      first_row=i * ROWS))
-    write_manifest(str(root), Manifest(partitions=entries, has_redshift=True, description="tests: lifetime"))
-    return os.fspath(root)
+    return make_random_dataset(tmp_path_factory.mktemp("lifetime_data"), PARTITIONS, ROWS, seed=500,
+                               description="tests: lifetime")
 
 
 def _argv(data: str, result: Path, *extra: str) -> list[str]:

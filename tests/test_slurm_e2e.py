@@ -29,8 +29,7 @@ from pathlib import Path
 import pytest
 
 from cosmicai import cli
-from cosmicai.data.formats import Manifest, PartitionEntry, encode_partition, sha256_hex, write_manifest
-from conftest import make_random_partition
+from conftest import make_random_dataset
 from slurm_cluster import SlurmCluster, missing_reason
 
 PARTITIONS, ROWS = 4, 50
@@ -53,15 +52,7 @@ def slurm(monkeypatch):
 def dataset(tmp_path) -> str:
     root = tmp_path / "data"
     root.mkdir()
-    entries = []
-    for i in range(PARTITIONS):
-        data = encode_partition(make_random_partition(ROWS, seed=700 + i, first_id=i * ROWS))
-        name = f"part-{i + 1:06d}.safetensors"
-        (root / name).write_bytes(data)
-        entries.append(PartitionEntry(name=name, rows=ROWS, bytes=len(data), sha256=sha256_hex(data),
-                                      first_row=i * ROWS))
-    write_manifest(str(root), Manifest(partitions=entries, has_redshift=True, description="tests: slurm e2e"))
-    return os.fspath(root)
+    return make_random_dataset(root, PARTITIONS, ROWS, seed=700, description="tests: slurm e2e")
 
 
 class Watcher(threading.Thread):
