@@ -10,10 +10,11 @@ with no activation between them merged (``fold_linear_chains``), attention throu
 
 Engines (``choose_engine``): on CPU, AstroMAE runs on ONNX Runtime (``ort_engine.py``: fused attention, streams,
 2.0-2.6x / 3.2-4.2x the original loop here) when it is installed; torch (``scaled_dot_product_attention``, channels-last
-convolutions, ``torch.ao`` dynamic int8 Linear layers) runs everything else: CUDA (where ``fast`` is bf16
-autocast), plug-in modules, and ``compile=True`` / ``CAI_COMPILE=1`` (``torch.compile``: ~40 CPU-seconds per
-process, worth it only for long-lived workers). ``engine=`` or ``CAI_ENGINE`` forces one. bf16 on CPU was measured
-2x *slower* here (no AVX512-BF16/AMX); see docs/model.md for every alternative measured.
+convolutions, ``torch.ao`` dynamic int8 Linear layers) runs everything else: CUDA (``cuda_feed.py``: exact is
+fp32 with TF32 off, ``fast`` fp16 autocast), plug-in modules, and ``compile=True`` / ``CAI_COMPILE=1``
+(``torch.compile``: ~40 CPU-seconds per process, worth it only for long-lived workers). ``engine=`` or
+``CAI_ENGINE`` forces one. bf16 on CPU was measured 2x *slower* here (no AVX512-BF16/AMX); see docs/model.md for
+every alternative measured.
 """
 
 from __future__ import annotations
@@ -144,16 +145,14 @@ def prepare(model: nn.Module, mode: str, device: torch.device, compile: bool | N
             chosen = "torch"
     # NHWC convolutions and pools: the Inception branch's 3x3 max-pools are ~4x faster (same numbers)
     model = model.to(memory_format=torch.channels_last)
+    if device.type == "cuda":
+        # exact: fp32 with TF32 off; fast: fp16 (or CAI_CUDA_FAST_DTYPE=bf16) autocast; compile: torch.compile
+        # mode "reduce-overhead". The predictor feeds it through cuda_feed.DeviceFeed.
+        from .cuda_feed import cuda_runner
+
+        return chosen, cuda_runner(model, mode, compile=bool(compile))
     if mode == "exact":
         return chosen, torch.compile(model) if compile else model
-    if device.type == "cuda":
-        runner: Callable = torch.compile(model) if compile else model
-
-        def fast_cuda(images: torch.Tensor, magnitudes: torch.Tensor) -> torch.Tensor:
-            with torch.autocast(device_type="cuda", dtype=torch.bfloat16):
-                return runner(images, magnitudes).float()
-
-        return chosen, fast_cuda
     model = quantize_linear(model, INT8_PREFIXES)
     return chosen, torch.compile(model) if compile else model
 

@@ -60,6 +60,25 @@ class Predictor:
         self._torch_device = torch.device(device)
         self.engine, self._run = prepare(module, mode, self._torch_device, compile=compile, engine=engine,
                                          threads=threads or torch.get_num_threads())
+        # CUDA: predictions go through the feed (pinned staging, async copies on a side stream, large forwards,
+        # optional CUDA graphs, one synchronisation per call); see cuda_feed.py. None on CPU.
+        self._feed = None
+        if self.engine == "torch" and self._torch_device.type == "cuda":
+            from .cuda_feed import feed_for
+
+            self._feed = feed_for(self._run, self._torch_device, mode)
+
+    @property
+    def forward_rows(self) -> int | None:
+        """Rows per forward pass on CUDA (None on CPU, where ``batch_size`` and CPU_CHUNK decide)."""
+        return self._feed.rows if getattr(self, "_feed", None) is not None else None
+
+    def set_forward_rows(self, rows: int) -> None:
+        """Override the CUDA forward size chosen from free memory (or ``CAI_CUDA_ROWS``); ignored on CPU."""
+        if rows < 1:
+            raise ModelError(f"forward rows must be >= 1, got {rows}")
+        if getattr(self, "_feed", None) is not None:
+            self._feed.rows = int(rows)
 
     def __repr__(self) -> str:
         return (f"Predictor(name={self.name!r}, device={self.device!r}, mode={self.mode!r}, "
@@ -70,6 +89,9 @@ class Predictor:
         images, magnitudes = check_inputs(images, magnitudes)
         if batch_size < 1:
             raise ModelError(f"batch_size must be >= 1, got {batch_size}")
+        if getattr(self, "_feed", None) is not None:  # CUDA: forwards of ``forward_rows``, not batch_size
+            out, self.last_flagged = self._feed.predict(images, magnitudes)
+            return out
         n = images.shape[0]
         out = np.full(n, np.nan, dtype=np.float32)
         bad = ~np.isfinite(images.reshape(n, -1)).all(axis=1) | ~np.isfinite(magnitudes).all(axis=1)
