@@ -332,3 +332,21 @@ def test_s3_reads_fall_back_to_storage(tmp_path, monkeypatch, s3_url):
     assert got["metrics"] == want["metrics"] and got["completeness"] == want["completeness"]
     # Switched off after a few fallbacks (records and predictions share one reader): not tried for all 12 reads.
     assert summarize_mod._ObjectReader.FALLBACKS_BEFORE_OFF <= Broken.opened < 12
+
+
+def test_duplicate_object_ids_are_counted_in_the_summary(tmp_path):
+    """Two partitions that share ids (a dataset assembled twice from the same catalogue): counted and named."""
+    from cosmicai.config import load_config
+    from cosmicai.data.formats import encode_partition
+    from cosmicai.pipeline.run import format_report, run
+    from conftest import make_random_partition
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "part-000001.safetensors").write_bytes(encode_partition(make_random_partition(10, seed=1, first_id=0)))
+    (data / "part-000002.safetensors").write_bytes(encode_partition(make_random_partition(10, seed=2, first_id=7)))
+    summary = run(load_config({"data": str(data), "result": str(tmp_path / "res"), "model": "astromae-random",
+                               "workers": 1, "threads": 1})[0], progress=False)
+    assert summary["completeness"]["complete"] and summary["completeness"]["rows_out"] == 20
+    assert summary["duplicate_ids"] == {"ids": 3, "rows": 3, "examples": [7, 8, 9]}
+    assert "duplicate object ids: 3 id(s) appear more than once (3 extra row(s)), e.g. 7, 8, 9" in format_report(summary)

@@ -190,6 +190,10 @@ def format_report(summary: dict[str, Any]) -> str:
         more = " ..." if bad["n_partitions"] > len(bad["partitions"]) else ""
         lines.append(f"  non-finite predictions: {bad['rows']} row(s) flagged, {bad['from_finite_inputs']} from finite "
                      f"inputs, in {bad['n_partitions']} partition(s): {', '.join(bad['partitions'])}{more}")
+    dup = summary.get("duplicate_ids") or {}
+    if dup.get("rows"):
+        lines.append(f"  duplicate object ids: {dup['ids']} id(s) appear more than once ({dup['rows']} extra row(s)), "
+                     f"e.g. {', '.join(map(str, dup['examples']))}")
     fc = summary.get("fast_check")
     if fc:
         if fc.get("max_dz") is None:

@@ -148,6 +148,7 @@ def summarize(result_url: str, allow_failures: bool = False) -> dict[str, Any]:
         summary.update(_timing(plan, records, rows_out))
         summary.update(_modes_used(plan, records))
         summary["nonfinite_predictions"] = gathered.nonfinite_summary()
+        summary["duplicate_ids"] = gathered.ids.result()  # before the metrics: their dz array is freed after
         summary["metrics"] = gathered.metrics.result() if gathered.metrics is not None else None
 
         ordered = [_original_first(records[r]) for r in sorted(records)]
@@ -168,6 +169,43 @@ def summarize(result_url: str, allow_failures: bool = False) -> dict[str, Any]:
 
 
 #: Columns of predictions.parquet, in this order (those the ranks wrote).
+class IdCounter:
+    """Object ids repeated across the run's predictions, counted exactly in 8 bytes a row (one int64 array,
+    sorted in place at the end): ``{"ids": distinct ids seen more than once, "rows": rows beyond the first of
+    each, "examples": up to 5 such ids}``."""
+
+    def __init__(self, capacity: int = 0) -> None:
+        import numpy as np
+
+        self._ids = np.empty(max(int(capacity), 0), dtype=np.int64)
+        self._n = 0
+
+    def add(self, ids: Any) -> None:
+        import numpy as np
+
+        ids = np.asarray(ids, dtype=np.int64)
+        n = self._n + ids.size
+        if n > self._ids.size:
+            grown = np.empty(max(n, 2 * self._ids.size), dtype=np.int64)
+            grown[:self._n] = self._ids[:self._n]
+            self._ids = grown
+        self._ids[self._n:n] = ids
+        self._n = n
+
+    def result(self) -> dict[str, Any]:
+        import numpy as np
+
+        ids = self._ids[:self._n]
+        ids.sort()
+        repeat = ids[1:] == ids[:-1]
+        rows = int(np.count_nonzero(repeat))
+        first = repeat & ~np.concatenate(([False], repeat[:-1])) if rows else repeat
+        examples = ids[1:][first][:5].tolist() if rows else []
+        out = {"ids": int(np.count_nonzero(first)) if rows else 0, "rows": rows, "examples": examples}
+        self._ids = np.empty(0, dtype=np.int64)
+        return out
+
+
 OUTPUT_COLUMNS = ("object_id", "partition", "row", "z_pred", "z_true", "flag")
 #: Rows per row group of predictions.parquet: pyarrow's default, so the layout is the one ``write_table`` made.
 ROW_GROUP_ROWS = 1024 * 1024
@@ -208,6 +246,7 @@ class _Gathered:
         self.rows_in = self.rows_out = 0
         self.out: _StreamedParquet | None = None
         self.metrics: MetricsAccumulator | None = None
+        self.ids = IdCounter(capacity=sum(int(r.get("rows") or 0) for r in records.values()))
         self.nonfinite_parts: dict[str, int] = {}
         self.nonfinite_rows = 0
         self.nonfinite_from_finite = 0
@@ -282,6 +321,8 @@ class _Gathered:
     def _score(self, rec: dict[str, Any], table: Any) -> None:
         import numpy as np
 
+        if "object_id" in table.column_names:
+            self.ids.add(table.column("object_id").to_numpy())
         if "z_pred" not in table.column_names:
             return
         zp = table.column("z_pred").to_numpy()
