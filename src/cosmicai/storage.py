@@ -241,6 +241,12 @@ def list_files(url: str, suffixes: Iterable[str] | str | None = None, recursive:
 def list_files_with_sizes(url: str, suffixes: Iterable[str] | str | None = None,
                           recursive: bool = False) -> list[tuple[str, int]]:
     """Like :func:`list_files`, with each file's size in bytes: ``[(url, size), ...]``."""
+    return [(u, n) for u, n, _ in list_files_with_info(url, suffixes, recursive)]
+
+
+def list_files_with_info(url: str, suffixes: Iterable[str] | str | None = None,
+                         recursive: bool = False) -> list[tuple[str, int, str | None]]:
+    """Like :func:`list_files`, with each file's size and :func:`fingerprint`: ``[(url, size, fingerprint)]``."""
     fs, path = filesystem(url)
     if isinstance(suffixes, str):
         suffixes = (suffixes,)
@@ -264,12 +270,32 @@ def list_files_with_sizes(url: str, suffixes: Iterable[str] | str | None = None,
         if suffixes and not any(name.endswith(s) for s in suffixes):
             continue
         full = proto + name if proto and not name.startswith(proto) else name
-        out.append((full, int(info.get("size") or 0)))
+        out.append((full, int(info.get("size") or 0), fingerprint(info)))
     return sorted(out, key=lambda item: natural_key(item[0]))
+
+
+def fingerprint(info: dict[str, Any]) -> str | None:
+    """A cheap content fingerprint from a listing or stat entry: ``etag:...`` on S3, ``mtime:...`` locally
+    (``modified:...`` where only a timestamp is known); None when the entry has neither. A file replaced by a
+    same-named, same-sized one gets another fingerprint."""
+    tag = info.get("ETag") or info.get("etag")
+    if tag:
+        return f"etag:{str(tag).strip(chr(34))}"
+    if info.get("mtime") is not None:
+        return f"mtime:{float(info['mtime']):.6f}"
+    if info.get("LastModified") is not None:
+        return f"modified:{info['LastModified']}"
+    return None
 
 
 def size(url: str) -> int | None:
     """Size in bytes of the file at ``url``, or None when there is no such file."""
+    found = file_info(url)
+    return None if found is None else found[0]
+
+
+def file_info(url: str) -> tuple[int, str | None] | None:
+    """(size in bytes, :func:`fingerprint`) of the file at ``url``, or None when there is no such file."""
     fs, path = filesystem(url)
     try:
         fs.invalidate_cache(path)
@@ -283,7 +309,7 @@ def size(url: str) -> int | None:
         raise StorageError(f"{url}: cannot stat ({exc})") from exc
     if info.get("type") == "directory":
         return None
-    return int(info.get("size") or 0)
+    return int(info.get("size") or 0), fingerprint(info)
 
 
 def remove(url: str, recursive: bool = False) -> None:

@@ -26,7 +26,8 @@ PARTITION_SUFFIXES = (PARTITION_SUFFIX, LEGACY_SUFFIX)
 
 @dataclass(frozen=True)
 class PartitionRef:
-    """One partition of a dataset; ``rows``, ``sha256`` and ``first_row`` are None without a manifest."""
+    """One partition of a dataset; ``rows``, ``sha256`` and ``first_row`` are None without a manifest, which
+    gives the listing's ``fingerprint`` (:func:`cosmicai.storage.fingerprint`) instead."""
 
     name: str
     url: str
@@ -34,6 +35,7 @@ class PartitionRef:
     bytes: int
     sha256: str | None = None
     first_row: int | None = None
+    fingerprint: str | None = None
 
 
 def decode(data: bytes, name: str, allow_nonfinite: bool = False) -> Partition:
@@ -70,19 +72,20 @@ def list_partitions(dataset_url: str) -> list[PartitionRef]:
     ``dataset_url`` may also name one partition file. DataError when there is nothing to read.
     """
     if dataset_url.endswith(PARTITION_SUFFIXES):
-        size = storage.size(dataset_url)
-        if size is not None:
+        found_file = storage.file_info(dataset_url)
+        if found_file is not None:
             problem = name_problem(storage.basename(dataset_url))
             if problem:
                 raise DataError(f"{dataset_url!r}: partition file name {storage.basename(dataset_url)!r} {problem}")
-            return [PartitionRef(storage.basename(dataset_url), dataset_url, None, size)]
+            size, mark = found_file
+            return [PartitionRef(storage.basename(dataset_url), dataset_url, None, size, fingerprint=mark)]
     manifest = read_manifest(dataset_url)
     if manifest is not None:
         if not manifest.partitions:
             raise DataError(f"{storage.join(dataset_url, MANIFEST_NAME)}: the manifest lists no partitions")
         return [PartitionRef(e.name, storage.join(dataset_url, e.name), e.rows, e.bytes, e.sha256, e.first_row)
                 for e in manifest.partitions]
-    found = storage.list_files_with_sizes(dataset_url, suffixes=PARTITION_SUFFIXES)
+    found = storage.list_files_with_info(dataset_url, suffixes=PARTITION_SUFFIXES)
     if not found:
         if storage.size(dataset_url) is not None:
             raise DataError(f"{dataset_url}: not a dataset folder or partition file "
@@ -91,7 +94,7 @@ def list_partitions(dataset_url: str) -> list[PartitionRef]:
             raise DataError(f"{dataset_url}: dataset not found")
         raise DataError(f"{dataset_url}: empty dataset (no manifest.json and no {PARTITION_SUFFIX} or "
                         f"{LEGACY_SUFFIX} files)")
-    refs = [PartitionRef(storage.basename(u), u, None, size) for u, size in found]
+    refs = [PartitionRef(storage.basename(u), u, None, size, fingerprint=mark) for u, size, mark in found]
     for ref in refs:
         check_listed_name(ref.name, dataset_url)
     return refs

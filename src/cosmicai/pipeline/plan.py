@@ -131,44 +131,10 @@ def _partition_dicts(config: RunConfig) -> list[dict[str, Any]]:
             raise ConfigError(f"file_limit is {config.file_limit} but only {len(parts)} partition(s) are available "
                               f"under {config.data}")
         parts = parts[:config.file_limit]
-    unverified = [p for p in parts if not p["sha256"]]
-    if unverified:
-        marks = listing_fingerprints(unverified)
-        for p in unverified:
-            p["fingerprint"] = marks.get(p["url"])
+    for ref, p in zip(refs, parts):
+        if not p["sha256"]:  # no checksum to verify: the listing's fingerprint notices a replaced file
+            p["fingerprint"] = ref.fingerprint
     return parts
-
-
-def listing_fingerprints(parts: list[dict[str, Any]]) -> dict[str, str]:
-    """``url -> fingerprint`` from one listing per folder: the ETag on S3, the modification time locally.
-
-    Partitions without a manifest sha256 (the original ``1.pt, 2.pt`` folders, plain listings) get one, so a file
-    replaced by a same-named, same-sized one between a crash and the resume is noticed when the run is planned
-    again (the plan hash changes and the partition is named)."""
-    folders: dict[str, list[str]] = {}
-    for p in parts:
-        folders.setdefault(p["url"].rsplit("/", 1)[0] if "/" in p["url"] else ".", []).append(p["url"])
-    out: dict[str, str] = {}
-    for folder, urls in folders.items():
-        fs, path = storage.filesystem(folder)
-        try:
-            fs.invalidate_cache(path)
-            entries = {e["name"].rstrip("/"): e for e in fs.ls(path, detail=True)}
-        except (OSError, ValueError):  # fingerprints are a safeguard: a failed listing leaves them unset
-            continue
-        for url in urls:
-            _, key = storage.filesystem(url)
-            info = entries.get(key.rstrip("/"))
-            if info is None:
-                continue
-            tag = info.get("ETag") or info.get("etag")
-            if tag:
-                out[url] = f"etag:{str(tag).strip(chr(34))}"
-            elif info.get("mtime") is not None:
-                out[url] = f"mtime:{float(info['mtime']):.6f}"
-            elif info.get("LastModified") is not None:
-                out[url] = f"modified:{info['LastModified']}"
-    return out
 
 
 def plan_contents(config: RunConfig) -> tuple[dict[str, Any], list[dict[str, Any]], str]:
