@@ -46,11 +46,15 @@ def worker_threads() -> int | None:
     return _WORKER_THREADS
 
 
+def _model_key(model: str, weights: str | None, device: str, mode: str) -> tuple:
+    return (model, weights, device, mode, _WORKER_THREADS)
+
+
 def get_model(model: str, weights: str | None, device: str, mode: str, sha256: str | None = None
               ) -> tuple[Any, bool, float]:
     """The cached predictor for this process: (predictor, loaded_now, load seconds). With ``sha256`` the weights
     must still be the ones the plan recorded (a cached model of other weights is reloaded and checked)."""
-    key = (model, weights, device, mode, _WORKER_THREADS)
+    key = _model_key(model, weights, device, mode)
     cached = _MODELS.get(key)
     if cached is not None and (sha256 is None or getattr(cached, "weights_sha256", None) in (None, sha256)):
         return cached, False, 0.0
@@ -76,42 +80,38 @@ def clear_model_cache() -> None:
 _FAST_CHECKS: dict[tuple, Any] = {}
 
 
-def checked_model(cfg: dict[str, Any], first: Any, sample: str) -> tuple[Any, bool, float, dict[str, Any] | None]:
-    """The predictor a rank uses: (predictor, loaded_now, load seconds, fast-mode check or None).
+def checked_model(cfg: dict[str, Any], fast: Any, first: Any, sample: str) -> tuple[Any, dict[str, Any]]:
+    """The predictor a fast-mode rank uses, and the guard's record: ``(predictor, fast_check)``.
 
-    In fast mode the guard (:mod:`cosmicai.models.guard`) compares fast and exact once per process and weights,
-    on the first rows of ``first`` (the rank's first partition); when they disagree beyond the tolerance the
-    exact predictor is returned (policy ``fallback``) or ModelError raised (``strict``)."""
+    The guard (:mod:`cosmicai.models.guard`) compares ``fast`` with exact once per process and weights, on the
+    first rows of ``first`` (the rank's first partition); when they disagree beyond the tolerance the exact
+    predictor is returned (policy ``fallback``) or ModelError raised (``strict``). A later task of the same
+    process reuses the measurement and records that it paid nothing for it."""
     from ..models.guard import calibrate, unchecked
 
-    predictor, cold, load_s = _model_for(cfg, cfg["mode"])
-    if cfg["mode"] != "fast":
-        return predictor, cold, load_s, None
     policy = cfg.get("fast_guard") or "fallback"
     key = (cfg["model"], cfg.get("weights"), cfg.get("weights_sha256"), cfg["device"], _WORKER_THREADS, policy)
     check = _FAST_CHECKS.get(key)
-    if check is not None:  # measured by an earlier task of this process: nothing paid here
-        out = {**check.to_dict(), "seconds": 0.0, "measured_by_earlier_task": True}
-        if check.mode_used == "exact":
-            predictor, _, _ = _model_for(cfg, "exact")
-        return predictor, cold, load_s, out
-    if policy == "off":
+    reused = check is not None
+    if check is None and policy == "off":
         check = unchecked()
-    else:
+    elif check is None:
         images, mags = first.images, first.magnitudes  # non-finite rows come back NaN and are not compared
         exact, _, exact_load = _model_for(cfg, "exact")
-        check = calibrate(predictor, exact, images, mags, policy=policy, sample=sample,
+        check = calibrate(fast, exact, images, mags, policy=policy, sample=sample,
                           batch_size=int(cfg["batch_size"]), load_seconds=exact_load)
         if check.passed:  # the exact model is not needed any more
-            _MODELS.pop((cfg["model"], cfg.get("weights"), cfg["device"], "exact", _WORKER_THREADS), None)
+            _MODELS.pop(_model_key(cfg["model"], cfg.get("weights"), cfg["device"], "exact"), None)
         else:
             warnings.warn(f"fast mode deviates from exact by max |dz| {check.max_dz:.2e} (tolerance "
                           f"{check.tolerance:g}) on {check.rows} rows of {sample}: predicting in exact mode",
                           RuntimeWarning, stacklevel=2)
     _FAST_CHECKS[key] = check
-    if check.mode_used == "exact":
-        predictor, _, _ = _model_for(cfg, "exact")
-    return predictor, cold, load_s, check.to_dict()
+    record = check.to_dict()
+    if reused:
+        record.update(seconds=0.0, measured_by_earlier_task=True)
+    predictor = _model_for(cfg, "exact")[0] if check.mode_used == "exact" else fast
+    return predictor, record
 
 
 def _now() -> str:
@@ -285,7 +285,7 @@ def _run(plan: Plan, rank: int, parts: list[dict[str, Any]], started: str) -> di
             phases["fetch"] += fetch_s
             phases["decode"] += decode_s
             if fast_check is None and cfg["mode"] == "fast" and len(data):
-                predictor, _, _, fast_check = checked_model(cfg, data, part["name"])
+                predictor, fast_check = checked_model(cfg, predictor, data, part["name"])
                 phases["fast_check"] = fast_check["seconds"]
             if prefetch and i + 1 < len(parts):
                 pending = pool.submit(_fetch, parts[i + 1], allow_nonfinite)

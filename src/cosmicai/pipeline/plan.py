@@ -266,12 +266,12 @@ def _config_diff(old: dict[str, Any], new: dict[str, Any]) -> str:
 
 def _own_files(result_url: str, plan: Plan | None) -> set[str]:
     """The files a run with ``plan`` writes under ``result_url``."""
+    from .records import error_url, predictions_url, record_url
+
     own = {storage.join(result_url, name) for name in RESULT_FILES}
     if plan is not None:
         for rank in plan.tasks:
-            own |= {storage.join(result_url, "ranks", f"{rank}.json"),
-                    storage.join(result_url, "predictions", f"{rank}.parquet"),
-                    storage.join(result_url, "errors", f"{rank}.json")}
+            own |= {record_url(result_url, rank), predictions_url(result_url, rank), error_url(result_url, rank)}
     return own
 
 
