@@ -39,6 +39,8 @@ def _remote_error_types() -> tuple[type[BaseException], ...]:
 
 
 _REMOTE_ERRORS = _remote_error_types()
+#: The errors storage back ends raise (OSError and botocore's): callers writing through a file object wrap these.
+REMOTE_ERRORS = _REMOTE_ERRORS
 
 
 def _current_umask() -> int:
@@ -182,30 +184,90 @@ def map_urls(fn: Callable[[str], Any], urls: Iterable[str], threads: int = 16) -
 def write_bytes(url: str, data: bytes) -> None:
     """Write an object atomically: readers see the old object or the whole new one, never a part.
 
-    Local files are written to a temporary name in the same folder and renamed; an S3 PUT is atomic.
+    Local files go through :class:`AtomicWriter` (a temporary name in the same folder, fsynced, renamed); an S3
+    PUT is atomic.
     """
-    lpath = local_path(url)
+    if local_path(url) is not None:
+        with AtomicWriter(url) as out:
+            out.write(data)
+        return
     try:
-        if lpath is not None:
-            folder = os.path.dirname(os.path.abspath(lpath))
-            os.makedirs(folder, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
-            try:
-                os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
-                with os.fdopen(fd, "wb") as fh:
-                    fh.write(data)
-                    fh.flush()
-                    os.fsync(fh.fileno())  # never an empty file under the final name after a crash
-                os.replace(tmp, lpath)
-            except BaseException:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-                raise
-        else:
-            fs, path = filesystem(url)
-            fs.pipe_file(path, data)
+        fs, path = filesystem(url)
+        fs.pipe_file(path, data)
     except _REMOTE_ERRORS as exc:
         raise StorageError(f"{url}: cannot write ({exc})") from exc
+
+
+class AtomicWriter:
+    """A file written in pieces (``write`` or the file object ``fh``) that appears at ``url`` only on
+    :meth:`commit`: locally a temporary file in the same folder with the usual permissions, fsynced and renamed;
+    on S3 an fsspec file, whose multipart upload completes at commit. :meth:`abort` discards it, so readers see
+    the old object or the whole new one. As a context manager it commits, or aborts on an exception."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self._tmp: str | None = None
+        self._final: str | None = local_path(url)
+        self.fh: Any = None
+        try:
+            if self._final is not None:
+                folder = os.path.dirname(os.path.abspath(self._final))
+                os.makedirs(folder, exist_ok=True)
+                fd, self._tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+                os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
+                self.fh = os.fdopen(fd, "wb")
+            else:
+                fs, path = filesystem(url)
+                self.fh = fs.open(path, "wb")
+        except _REMOTE_ERRORS as exc:
+            self.abort()
+            raise StorageError(f"{url}: cannot write ({exc})") from exc
+
+    def write(self, data: bytes) -> None:
+        try:
+            self.fh.write(data)
+        except _REMOTE_ERRORS as exc:
+            raise StorageError(f"{self.url}: cannot write ({exc})") from exc
+
+    def commit(self) -> None:
+        """Make the written bytes the object at ``url``."""
+        try:
+            if self._tmp is not None:
+                self.fh.flush()
+                os.fsync(self.fh.fileno())  # never an empty file under the final name after a crash
+                self.fh.close()
+                os.replace(self._tmp, self._final)
+                self._tmp = None
+            else:
+                self.fh.close()  # completes the upload: the object appears now
+            self.fh = None
+        except _REMOTE_ERRORS as exc:
+            self.abort()
+            raise StorageError(f"{self.url}: cannot write ({exc})") from exc
+
+    def abort(self) -> None:
+        """Discard what was written (remove the temporary file, or abort the upload)."""
+        fh, self.fh = self.fh, None
+        if self._tmp is not None:
+            if fh is not None:
+                fh.close()
+            if os.path.exists(self._tmp):
+                os.unlink(self._tmp)
+            self._tmp = None
+        elif fh is not None and not fh.closed:
+            try:
+                fh.discard()  # s3fs: abort the multipart upload
+            finally:
+                fh.closed = True  # never completed later (fsspec closes files when collected)
+
+    def __enter__(self) -> "AtomicWriter":
+        return self
+
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
 
 
 def read_json(url: str) -> Any:

@@ -85,6 +85,18 @@ class _Sum:
         return self.total + self.comp
 
 
+def append_grown(buffer: np.ndarray, used: int, values: np.ndarray) -> np.ndarray:
+    """``values`` written into ``buffer`` after its first ``used`` entries; returns the buffer, or a larger copy
+    (at least twice the size) when it is full. Keeps one array per column instead of a list of chunks."""
+    n = used + values.size
+    if n > buffer.size:
+        grown = np.empty(max(n, 2 * buffer.size), dtype=buffer.dtype)
+        grown[:used] = buffer[:used]
+        buffer = grown
+    buffer[used:n] = values
+    return buffer
+
+
 class MetricsAccumulator:
     """:func:`redshift_metrics` over data fed in chunks (``add(z_pred, z_true)``), then ``result()``.
 
@@ -136,11 +148,7 @@ class MetricsAccumulator:
         delta = mean_b - self._zt_mean
         self._zt_mean += delta * m / n
         self._zt_m2 += m2_b + delta * delta * n_a * m / n
-        if n > self._dz.size:
-            grown = np.empty(max(n, 2 * self._dz.size), dtype=np.float64)
-            grown[:n_a] = self._dz[:n_a]
-            self._dz = grown
-        self._dz[n_a:n] = dz
+        self._dz = append_grown(self._dz, n_a, dz)
         self._n = n
 
     def result(self) -> dict[str, float | int]:

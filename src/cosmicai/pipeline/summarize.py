@@ -18,7 +18,6 @@ import itertools
 import json
 import math
 import os
-import tempfile
 from collections import defaultdict, deque
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
@@ -28,21 +27,12 @@ from urllib.parse import urlsplit
 from .. import storage
 from ..data.formats import INPUT_BITS_PER_SAMPLE
 from ..errors import CaiError, DataError, StorageError
-from .metrics import MetricsAccumulator
+from .metrics import MetricsAccumulator, append_grown
 from .plan import Plan, load_plan
 from .records import (COMBINED_NAME, ERRORS_DIR, ORIGINAL_KEYS, PREDICTIONS_NAME, RANKS_DIR, RUN_NAME, SUMMARY_NAME,
                       predictions_url, rank_of)
 
 PHASES = ("fetch", "decode", "model_load", "fast_check", "inference", "write", "wait")
-
-
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _current_umask()
 
 
 class IncompleteRunError(CaiError):
@@ -184,13 +174,8 @@ class IdCounter:
         import numpy as np
 
         ids = np.asarray(ids, dtype=np.int64)
-        n = self._n + ids.size
-        if n > self._ids.size:
-            grown = np.empty(max(n, 2 * self._ids.size), dtype=np.int64)
-            grown[:self._n] = self._ids[:self._n]
-            self._ids = grown
-        self._ids[self._n:n] = ids
-        self._n = n
+        self._ids = append_grown(self._ids, self._n, ids)
+        self._n += ids.size
 
     def result(self) -> dict[str, Any]:
         import numpy as np
@@ -246,7 +231,8 @@ class _Gathered:
         self.rows_in = self.rows_out = 0
         self.out: _StreamedParquet | None = None
         self.metrics: MetricsAccumulator | None = None
-        self.ids = IdCounter(capacity=sum(int(r.get("rows") or 0) for r in records.values()))
+        self.capacity = sum(int(r.get("rows") or 0) for r in records.values())  # rows the records announce
+        self.ids = IdCounter(capacity=self.capacity)
         self.nonfinite_parts: dict[str, int] = {}
         self.nonfinite_rows = 0
         self.nonfinite_from_finite = 0
@@ -328,7 +314,7 @@ class _Gathered:
         zp = table.column("z_pred").to_numpy()
         if "z_true" in table.column_names:
             if self.metrics is None:
-                self.metrics = MetricsAccumulator(capacity=sum(int(r.get("rows") or 0) for r in self.records.values()))
+                self.metrics = MetricsAccumulator(capacity=self.capacity)
             self.metrics.add(zp, table.column("z_true").to_numpy())
         bad = ~np.isfinite(zp)
         n_bad = int(np.count_nonzero(bad))
@@ -412,57 +398,33 @@ class _KeepOpen:
 
 
 class _StreamedParquet:
-    """``predictions.parquet`` written row group by row group, appearing atomically on :meth:`commit`.
-
-    Locally it is written to a temporary name in the same folder, fsynced and renamed (as
-    ``storage.write_bytes`` does); on S3 through an fsspec file, a multipart upload whose object only appears
-    when the upload completes (a single PUT when it is small). :meth:`abort` removes the temporary file or aborts
-    the upload, so readers see the old file or the whole new one, never a part."""
+    """``predictions.parquet`` written row group by row group through :class:`cosmicai.storage.AtomicWriter`, so
+    it appears on :meth:`commit` and :meth:`abort` leaves the old file: readers never see a part."""
 
     def __init__(self, url: str, schema: Any) -> None:
         import pyarrow.parquet as pq
 
         self.url = url
-        self._tmp: str | None = None
-        self._fh: Any = None
-        lpath = storage.local_path(url)
+        self._out = storage.AtomicWriter(url)
         try:
-            if lpath is not None:
-                folder = os.path.dirname(os.path.abspath(lpath))
-                os.makedirs(folder, exist_ok=True)
-                fd, self._tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
-                os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
-                self._fh = os.fdopen(fd, "wb")
-                self._final = lpath
-            else:
-                fs, path = storage.filesystem(url)
-                self._fh = fs.open(path, "wb")
-            self._writer = pq.ParquetWriter(_KeepOpen(self._fh), schema)
-        except storage._REMOTE_ERRORS as exc:
-            self.abort()
+            self._writer = pq.ParquetWriter(_KeepOpen(self._out.fh), schema)
+        except storage.REMOTE_ERRORS as exc:
+            self._out.abort()
             raise StorageError(f"{url}: cannot write ({exc})") from exc
 
     def write(self, table: Any) -> None:
         try:
             self._writer.write_table(table, row_group_size=ROW_GROUP_ROWS)
-        except storage._REMOTE_ERRORS as exc:
+        except storage.REMOTE_ERRORS as exc:
             raise StorageError(f"{self.url}: cannot write ({exc})") from exc
 
     def commit(self) -> None:
         try:
             self._writer.close()
-            if self._tmp is not None:
-                self._fh.flush()
-                os.fsync(self._fh.fileno())  # never an empty file under the final name after a crash
-                self._fh.close()
-                os.replace(self._tmp, self._final)
-                self._tmp = None
-            else:
-                self._fh.close()  # completes the upload: the object appears now
-            self._fh = None
-        except storage._REMOTE_ERRORS as exc:
-            self.abort()
+        except storage.REMOTE_ERRORS as exc:
+            self._out.abort()
             raise StorageError(f"{self.url}: cannot write ({exc})") from exc
+        self._out.commit()
 
     def abort(self) -> None:
         writer = getattr(self, "_writer", None)
@@ -471,18 +433,7 @@ class _StreamedParquet:
                 writer.close()  # into the view only; the file itself is discarded below
             except Exception:  # noqa: BLE001 - already failing; the file is thrown away
                 pass
-        fh, self._fh = self._fh, None
-        if self._tmp is not None:
-            if fh is not None:
-                fh.close()
-            if os.path.exists(self._tmp):
-                os.unlink(self._tmp)
-            self._tmp = None
-        elif fh is not None and not fh.closed:
-            try:
-                fh.discard()  # s3fs: abort the multipart upload
-            finally:
-                fh.closed = True  # never completed later (fsspec closes files when collected)
+        self._out.abort()
 
 
 class _ObjectReader:
