@@ -31,6 +31,7 @@ from distributed import Client, LocalCluster, as_completed
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from ..errors import ConfigError
+from .base import gpu_ids
 
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
@@ -49,7 +50,7 @@ def pick_gpu(name: Any, gpus_per_node: int, visible: str | None) -> str | None:
     index = worker_index(name)
     if index is None:
         return None
-    devices = [d for d in (visible or "").split(",") if d.strip()] or [str(i) for i in range(gpus_per_node)]
+    devices = gpu_ids(visible, gpus_per_node)
     return devices[index % min(len(devices), gpus_per_node)]
 
 

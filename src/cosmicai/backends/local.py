@@ -11,6 +11,7 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Callable, Iterator
 
 from ..errors import ConfigError
+from .base import gpu_ids
 
 
 _IN_TASK = False
@@ -98,9 +99,7 @@ def gpu_assignment(workers: int, device: str, visible: str | None, count: int) -
                           "fewer (each worker then predicts with large batches on its own GPU)")
     if workers <= 1:
         return None
-    ids = [d.strip() for d in (visible or "").split(",") if d.strip()] if visible else []
-    ids = (ids or [str(i) for i in range(count)])[:count]
-    return ids[:workers]
+    return gpu_ids(visible, count)[:count][:workers]
 
 
 def visible_gpus() -> int:
