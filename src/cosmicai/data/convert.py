@@ -35,7 +35,8 @@ import numpy as np
 
 from .. import storage
 from ..errors import DataError
-from .formats import BANDS, MANIFEST_NAME, PARTITION_SUFFIX, Partition, name_problem, read_manifest
+from .formats import BANDS, MANIFEST_NAME, PARTITION_SUFFIX, Partition, read_manifest
+from .partition import check_listed_name
 
 #: Rows read at a time from HDF5/FITS/npz/npy sources.
 CHUNK_ROWS = 4096
@@ -353,9 +354,7 @@ def open_source(url: str) -> Source:
         raise DataError(f"{url}: empty folder (no files to convert)")
     for u, _ in listed:
         if _suffix_of(u) in FILE_READERS or u.endswith(".npy"):
-            problem = name_problem(storage.basename(u))
-            if problem:
-                raise DataError(f"{url}: file {storage.basename(u)!r} in the listing {problem}")
+            check_listed_name(storage.basename(u), url)
     names = {storage.basename(u) for u, _ in listed}
     if "images.npy" in names:
         return Source(url, "npy-folder", [u for u, _ in listed if u.endswith(".npy")])
