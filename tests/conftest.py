@@ -37,26 +37,12 @@ Scripts can use the server without pytest: ``from s3server import S3Server`` (wi
 from __future__ import annotations
 
 import os
-import tempfile
 import uuid
 
 import numpy as np
 import pytest
 
 from s3server import S3Server
-
-# Exported ONNX graphs go to one fresh folder per test session (shared by the worker processes tests start), so
-# every run exercises a cold cache and nothing is written to the user's ~/.cache.
-_ONNX_CACHE = None if "CAI_ONNX_CACHE" in os.environ else tempfile.mkdtemp(prefix="cai-onnx-tests-")
-if _ONNX_CACHE:
-    os.environ["CAI_ONNX_CACHE"] = _ONNX_CACHE
-
-
-def pytest_sessionfinish(session, exitstatus):
-    if _ONNX_CACHE:
-        import shutil
-
-        shutil.rmtree(_ONNX_CACHE, ignore_errors=True)
 
 TINY_PARTITIONS = 4
 TINY_ROWS_PER_PARTITION = 12

@@ -150,7 +150,7 @@ def _astromae_state() -> dict:
 
 
 def _weights_with(change: Callable[[dict], None]) -> bytes:
-    from cosmicai.models.weights_io import save_weights
+    from cosmicai.models.weights_torch import save_weights
 
     state = dict(_astromae_state())
     change(state)

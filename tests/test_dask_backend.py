@@ -111,7 +111,7 @@ def test_dask_run_matches_local(dask_backend, local_result, tiny_dataset, tmp_pa
     for pid in pids:
         cold = [r["cold_start"] for r in records if r["cpu"]["pid"] == pid]
         assert cold.count(True) <= 1, (pid, cold)
-    assert all(r["cpu"]["torch_threads"] == 1 for r in records)
+    assert all(r["cpu"]["threads"] == 1 for r in records)
 
 
 def test_killed_worker_task_reruns_elsewhere(dask_backend, local_result, tiny_dataset, tmp_path):

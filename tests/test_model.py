@@ -14,7 +14,8 @@ import torch
 from cosmicai.errors import ModelError
 from cosmicai.models.astromae import AstroMAE, build_astromae, count_params, flops_per_image
 from cosmicai.models.registry import demo_weights_path, load_model
-from cosmicai.models.weights_io import InputNorm, save_weights
+from cosmicai.models.weights_io import InputNorm
+from cosmicai.models.weights_torch import save_weights
 
 torch.set_num_threads(1)
 

@@ -1,22 +1,22 @@
-"""The inference engines behind ``exact`` and ``fast``: torch and ONNX Runtime (graph rewrites, cache, streams)."""
+"""The inference engines behind ``exact`` and ``fast``: torch and ONNX Runtime (graph rewrites, streams)."""
 
 from __future__ import annotations
 
 import copy
-import os
+import warnings
 
 import numpy as np
 import pytest
 import torch
 
 from cosmicai.errors import ModelError
-from cosmicai.models import ort_engine
+from cosmicai.models import onnx_export, ort_engine
 from cosmicai.models.astromae import build_astromae
 from cosmicai.models.fast import choose_engine, fold_batchnorm, fold_linear_chains
 from cosmicai.models.registry import load_model
-from cosmicai.models.weights_io import Normalized
+from cosmicai.models.weights_torch import Normalized
 
-pytestmark = pytest.mark.skipif(not ort_engine.available(), reason="onnxruntime/onnx not installed")
+pytestmark = pytest.mark.skipif(not ort_engine.available(), reason="onnxruntime not installed")
 
 
 def _inputs(n: int, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
@@ -56,10 +56,10 @@ def test_export_fuses_every_attention_block_and_rewrites_asinh():
     import onnx
 
     model = fold_linear_chains(fold_batchnorm(Normalized(build_astromae(seed=0)).eval()))  # zero biases: shared
-    features, regress = ort_engine.build_graphs(model, "exact", num_heads=3)
+    features, regress = onnx_export.build_graphs(model, "exact", num_heads=3)
     ops = [n.op_type for n in onnx.load_from_string(features).graph.node]
     assert ops.count("Attention") == 12 and "Softmax" not in ops and "Asinh" not in ops
-    q_ops = [n.op_type for n in onnx.load_from_string(ort_engine.build_graphs(model, "fast", 3)[0]).graph.node]
+    q_ops = [n.op_type for n in onnx.load_from_string(onnx_export.build_graphs(model, "fast", 3)[0]).graph.node]
     assert q_ops.count("QAttention") == 12 or q_ops.count("Attention") == 0
     assert "MatMulInteger" in q_ops or "DynamicQuantizeMatMul" in q_ops
     assert "MatMulInteger" not in [n.op_type for n in onnx.load_from_string(regress).graph.node]
@@ -72,8 +72,8 @@ def test_asinh_rewrite_matches_torch():
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return torch.asinh(x)
 
-    graph = ort_engine._export(Asinh(), (torch.zeros(3, 1),), ["x"], "y")
-    assert ort_engine.rewrite_asinh(graph) == 1
+    graph = onnx_export._export(Asinh(), (torch.zeros(3, 1),), ["x"], "y")
+    assert onnx_export.rewrite_asinh(graph) == 1
     sess = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
     x = np.concatenate([np.linspace(-50, 50, 2001), np.linspace(-1e-3, 1e-3, 201), [0.0, 1e4, -1e4]])
     x = x.astype(np.float32).reshape(-1, 1)
@@ -113,40 +113,8 @@ def test_engine_choice_and_errors(monkeypatch):
         choose_engine(torch.nn.Linear(2, 2), cpu, "onnxruntime")
     monkeypatch.setattr(ort_engine, "available", lambda: False)
     assert choose_engine(model, cpu) == "torch"  # auto falls back when onnxruntime is missing
-    with pytest.raises(ModelError, match="needs the onnxruntime and onnx packages"):
+    with pytest.raises(ModelError, match="needs the onnxruntime package"):
         choose_engine(model, cpu, "onnxruntime")
-
-
-def test_graph_cache_is_reused_and_a_damaged_entry_rebuilt(tmp_path, monkeypatch):
-    monkeypatch.setenv("CAI_ONNX_CACHE", str(tmp_path))
-    images, mags = _inputs(5)
-    first = load_model("astromae-random", threads=1, mode="fast")
-    files = sorted(tmp_path.glob("*.onnx"))
-    assert [f.name.split("-", 1)[1] for f in files] == ["features.onnx", "regress.onnx"]
-    want = first.predict(images, mags)
-
-    def no_build(*args, **kwargs):
-        raise AssertionError("the cache was not used")
-
-    monkeypatch.setattr(ort_engine, "build_graphs", no_build)
-    np.testing.assert_array_equal(load_model("astromae-random", threads=1, mode="fast").predict(images, mags), want)
-    monkeypatch.undo()
-    monkeypatch.setenv("CAI_ONNX_CACHE", str(tmp_path))
-    files[0].write_bytes(files[0].read_bytes()[:1000])  # truncated entry
-    np.testing.assert_array_equal(load_model("astromae-random", threads=1, mode="fast").predict(images, mags), want)
-    assert files[0].stat().st_size > 1000  # rewritten
-    assert load_model("astromae-random", threads=1, mode="exact") is not None
-    assert len(list(tmp_path.glob("*.onnx"))) == 4  # one pair per mode
-
-
-def test_cache_can_be_turned_off_or_unwritable(tmp_path, monkeypatch):
-    monkeypatch.setenv("CAI_ONNX_CACHE", "off")
-    assert ort_engine.cache_dir() is None
-    blocked = tmp_path / "file"
-    blocked.write_text("not a folder")
-    monkeypatch.setenv("CAI_ONNX_CACHE", str(blocked / "sub"))
-    images, mags = _inputs(3)
-    assert load_model("astromae-random", threads=1).predict(images, mags).shape == (3,)
 
 
 def test_cai_model_info_names_the_engine(capsys):
@@ -160,13 +128,29 @@ def test_cai_model_info_names_the_engine(capsys):
                                                                                           0.2192)
 
 
-def test_auto_falls_back_to_torch_when_the_export_fails(monkeypatch):
+def test_auto_falls_back_to_torch_when_onnxruntime_cannot_load_the_graph(monkeypatch):
     def broken(*args, **kwargs):
-        raise RuntimeError("exporter exploded")
+        raise ort_engine.OrtUnavailable("onnxruntime exploded")
 
-    monkeypatch.setattr(ort_engine, "cached_graphs", broken)
-    with pytest.warns(RuntimeWarning, match="exporter exploded.*running on torch instead"):
-        pred = load_model("astromae-random", threads=1)
-    assert pred.engine == "torch" and pred.predict(*_inputs(2)).shape == (2,)
-    with pytest.raises(ModelError, match="engine 'onnxruntime' failed: exporter exploded"):
-        load_model("astromae-random", threads=1, engine="onnxruntime")
+    monkeypatch.setattr(ort_engine, "_session", broken)
+    images, mags = _inputs(2)
+    for name in ("astromae-random", "astromae-demo"):  # a torch module, and numpy weights bound to the template
+        with pytest.warns(RuntimeWarning, match="onnxruntime exploded.*running on torch instead"):
+            pred = load_model(name, threads=1)
+        assert pred.engine == "torch" and pred.predict(images, mags).shape == (2,)
+        with pytest.raises(ModelError, match="onnxruntime exploded"):
+            load_model(name, threads=1, engine="onnxruntime")
+
+
+def test_bad_weights_are_refused_not_run_on_another_engine(tmp_path):
+    from cosmicai.models.weights_torch import save_weights
+
+    net = build_astromae(seed=0)
+    state = net.state_dict()
+    state["cls_token"][0, 0, 0] = float("nan")
+    path = tmp_path / "nan.safetensors"
+    path.write_bytes(save_weights(state))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback warning: the weights are wrong on every engine
+        with pytest.raises(ModelError, match=r"nan.safetensors: weight\(s\) contain NaN or inf: cls_token"):
+            load_model("astromae", weights=str(path), threads=1)

@@ -74,7 +74,7 @@ def test_end_to_end_rows_metrics_and_records(tiny_dataset, tmp_path):
     assert first["sample_persec"] == pytest.approx(24 / first["total_cpu_time (seconds)"])
     assert first["result_path"] == result and first["error"] is None and first["cold_start"] in (True, False)
     assert set(first["phases"]) >= {"fetch", "decode", "model_load", "inference", "write"}
-    assert first["peak_rss_mb"] > 0 and first["cpu"]["torch_threads"] == 1
+    assert first["peak_rss_mb"] > 0 and first["cpu"]["threads"] == 1
     assert summary["rows"] == 48 and summary["throughput_bps"] > 0 and summary["peak_rss_mb"] > 0
     report = format_report(summary)
     assert "rows in 48 / out 48" in report and "MAE" in report

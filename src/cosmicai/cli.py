@@ -13,6 +13,11 @@ from typing import Sequence
 from . import __version__
 from .errors import CaiError
 
+#: Third-party modules outside the worker install, and the extra that brings each.
+FULL_INSTALL_MODULES = {name: "full" for name in ("torch", "onnx", "galsim", "astropy", "scipy", "h5py", "matplotlib",
+                                                    "yaml", "dask", "distributed", "dask_jobqueue")}
+FULL_INSTALL_MODULES.update({name: "worker" for name in ("s3fs", "boto3", "botocore", "aiobotocore")})
+
 # Command modules, in the order they appear in `cai --help`. A module missing here is simply skipped.
 COMMAND_MODULES = ("data", "model", "run", "aws", "cluster", "analysis", "simulate")
 
@@ -52,6 +57,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             rc = args.func(args)
     except CaiError as exc:
         print(f"cai: error: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:
+        extra = FULL_INSTALL_MODULES.get((exc.name or "").split(".")[0])
+        if extra is None:
+            raise
+        print(f"cai: error: {args.command} needs {exc.name}, which this install does not have (the worker install "
+              f"runs AstroMAE on ONNX Runtime only): pip install 'cosmicai[{extra}]'", file=sys.stderr)
         return 2
     except Terminated as exc:
         print(f"cai: terminated (signal {exc.signum}); completed work is kept and a rerun resumes it",

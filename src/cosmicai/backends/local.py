@@ -5,6 +5,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -226,11 +227,10 @@ class LocalBackend:
             raise
 
     def _map_in_process(self, fn: Callable[..., dict], tasks: list[dict]) -> Iterator[tuple[dict, Any]]:
-        import torch
-
         from ..pipeline.infer import configure_worker, worker_threads
 
-        before, before_worker = torch.get_num_threads(), worker_threads()
+        torch = sys.modules.get("torch")  # loaded only where a torch engine runs: restore its threads after
+        before, before_worker = (torch.get_num_threads() if torch else None), worker_threads()
         configure_worker(self.threads)
         try:
             for task in tasks:
@@ -241,7 +241,8 @@ class LocalBackend:
                 yield task, result
         finally:
             configure_worker(before_worker)
-            torch.set_num_threads(before)
+            if torch is not None and before is not None:
+                torch.set_num_threads(before)
 
     def close(self, wait: bool = True, stop_workers: bool = False) -> None:
         """Shut the pool down (pending tasks are cancelled); ``stop_workers`` also ends running tasks at once.

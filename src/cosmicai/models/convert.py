@@ -29,7 +29,9 @@ import torch
 from torch import nn
 
 from ..errors import ModelError, UnsafePickleError
-from .weights_io import InputNorm, load_safetensors
+from .weights_io import USE_WEIGHTS as _USE
+from .weights_io import InputNorm, file_kind, refuse_kind
+from .weights_torch import load_safetensors
 
 #: The original model's own classes, and timm 0.4.12 classes it contains (module -> class names).
 ORIGINAL_CLASSES: dict[str, set[str]] = {
@@ -344,51 +346,6 @@ def map_keys(state: dict[str, torch.Tensor], target: nn.Module, source: str = "c
     return map_state_dict(state, target, source)[0]
 
 
-#: ``torch.save``'s legacy (pre-1.6, non-zip) files start with this number, pickled with protocol 2.
-_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
-_USE = ("give the safetensors file written by `cai model import-cai`, or the authors' .pt checkpoint "
-        "(Mixed_Inception_z_VITAE_Base_Img_Full_New_Full.pt)")
-
-
-def file_kind(data: bytes) -> str:
-    """What a weights file is, from its first bytes: 'empty', 'safetensors', 'safetensors-truncated',
-    'torch-zip', 'torch-legacy', 'pickle' or 'unknown'."""
-    if not data:
-        return "empty"
-    if data[:4] == b"PK\x03\x04":
-        return "torch-zip"
-    if data[:4] == b"\x80\x02\x8a\x0a" and int.from_bytes(data[4:14], "little") == _LEGACY_MAGIC:
-        return "torch-legacy"
-    if len(data) > 1 and data[0] == 0x80 and 2 <= data[1] <= 5:
-        return "pickle"
-    if len(data) >= 9 and data[8:9] == b"{":
-        n = int.from_bytes(data[:8], "little")
-        return "safetensors" if n <= len(data) - 8 else "safetensors-truncated"
-    return "unknown"
-
-
-def _refuse_kind(kind: str, data: bytes, source: str) -> None:
-    """Raise the ModelError that says what the file is and what to do, for kinds that hold no weights."""
-    if kind == "empty":
-        raise ModelError(f"{source}: the file is empty (0 bytes), not a checkpoint; the copy or download was "
-                         "probably interrupted: fetch it again")
-    if kind == "safetensors-truncated":
-        n = int.from_bytes(data[:8], "little")
-        raise ModelError(f"{source}: truncated safetensors file (its header needs {n} bytes, the file has "
-                         f"{len(data) - 8} after the length field); the copy is incomplete: fetch it again")
-    if kind == "torch-legacy":
-        raise ModelError(f"{source}: a legacy (torch < 1.6, non-zip) checkpoint; reading one needs full "
-                         "unpickling, which cosmicai never does. In a trusted environment, re-save it in the zip "
-                         "format with torch >= 1.6 (torch.save(torch.load(path, weights_only=False), new_path)), "
-                         "then import that")
-    if kind == "pickle":
-        raise ModelError(f"{source}: a raw Python pickle, not a torch checkpoint or safetensors weights; refused "
-                         f"unread (nothing was executed); {_USE}")
-    if kind == "unknown":
-        raise ModelError(f"{source}: not a checkpoint: neither safetensors weights, a torch zip checkpoint nor a "
-                         f"pickle (first bytes {data[:8]!r}); {_USE}")
-
-
 def read_checkpoint(data: bytes, source: str = "weights"
                     ) -> tuple[OrderedDict[str, torch.Tensor], InputNorm, ImportReport]:
     """State dict (our names), input normalisation and import report, from safetensors weights, a plain ``.pt``
@@ -399,7 +356,7 @@ def read_checkpoint(data: bytes, source: str = "weights"
     from .weights_io import NORM_KEY
 
     kind = file_kind(data)
-    _refuse_kind(kind, data, source)
+    refuse_kind(kind, data, source)
     net = build_astromae()
     if kind == "safetensors":
         tensors, meta = load_safetensors(data, source)
@@ -439,7 +396,7 @@ def import_checkpoint(data: bytes, source: str = "checkpoint") -> tuple[bytes, I
     """Convert the authors' checkpoint (or a .pt state dict) into our safetensors weights (fp32); returns the
     bytes and the report naming what was mapped and dropped."""
     from .astromae import build_astromae
-    from .weights_io import load_into, save_weights
+    from .weights_torch import load_into, save_weights
 
     state, norm, report = read_checkpoint(data, source)
     net = build_astromae()

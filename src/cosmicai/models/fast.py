@@ -28,38 +28,48 @@ import torch
 from torch import nn
 
 from ..errors import ModelError
+from . import folding, resolve_engine
 from .astromae import AstroMAE, ConvBlock
 
-MODES = ("exact", "fast")
+
+
+def _np(t: torch.Tensor | None):
+    return None if t is None else t.detach().cpu().numpy()
+
+
+def _param(arr, device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(arr).to(device)
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:
-    """Fold every eval-mode ConvBlock's BatchNorm into its conv (in place); returns ``model``."""
+    """Fold every eval-mode ConvBlock's BatchNorm into its conv (in place, ``folding.fold_conv_bn``); returns
+    ``model``."""
     for module in model.modules():
         if isinstance(module, ConvBlock) and isinstance(module.bn, nn.BatchNorm2d):
             conv, bn = module.conv, module.bn
-            scale = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
+            w, b = folding.fold_conv_bn(_np(conv.weight), _np(conv.bias), _np(bn.weight), _np(bn.bias),
+                                        _np(bn.running_mean), _np(bn.running_var), bn.eps)
             fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                               bias=True).to(conv.weight.device)
             with torch.no_grad():
-                fused.weight.copy_(conv.weight.detach() * scale.view(-1, 1, 1, 1))
-                bias = conv.bias.detach() if conv.bias is not None else torch.zeros_like(bn.running_mean)
-                fused.bias.copy_((bias - bn.running_mean) * scale + bn.bias.detach())
+                fused.weight.copy_(_param(w, conv.weight.device))
+                fused.bias.copy_(_param(b, conv.weight.device))
             module.conv = fused
             module.bn = nn.Identity()
     return model
 
 
-def _linear(weight: torch.Tensor, bias: torch.Tensor) -> nn.Linear:
-    layer = nn.Linear(weight.shape[1], weight.shape[0]).to(weight.device)
+def _linear(weight, bias, device: torch.device) -> nn.Linear:
+    layer = nn.Linear(weight.shape[1], weight.shape[0]).to(device)
     with torch.no_grad():
-        layer.weight.copy_(weight.float())
-        layer.bias.copy_(bias.float())
+        layer.weight.copy_(_param(weight, device))
+        layer.bias.copy_(_param(bias, device))
     return layer
 
 
 def fold_linear_chains(model: nn.Module) -> nn.Module:
-    """Merge Linear layers with no activation between them (in place, products in float64); returns ``model``.
+    """Merge Linear layers with no activation between them (in place, ``folding.fold_linear`` and
+    ``fold_into_columns``: products in float64); returns ``model``.
 
     ``head`` is folded into ``vit_mlp[0]``, and the last Linear of each branch (``vit_mlp[2]``,
     ``mix.inception_mlp[2]``, ``mix.mag_mlp[8]``) into the matching columns of ``fusion[0]``: the same maths with
@@ -67,21 +77,17 @@ def fold_linear_chains(model: nn.Module) -> nn.Module:
     for net in model.modules():
         if not isinstance(net, AstroMAE) or isinstance(net.head, nn.Identity):
             continue
-        with torch.no_grad():
-            head, first = net.head, net.vit_mlp[0]
-            w = first.weight.double() @ head.weight.double()
-            b = first.weight.double() @ head.bias.double() + first.bias.double()
-            net.vit_mlp[0], net.head = _linear(w, b), nn.Identity()
-            fusion = net.fusion[0]
-            wf, bias, parts, col = fusion.weight.double(), fusion.bias.double(), [], 0
-            for seq in (net.vit_mlp, net.mix.inception_mlp, net.mix.mag_mlp):  # the order of the concatenation
-                last = seq[-1]
-                block = wf[:, col:col + last.out_features]
-                col += last.out_features
-                parts.append(block @ last.weight.double())
-                bias = bias + block @ last.bias.double()
-                seq[-1] = nn.Identity()
-            net.fusion[0] = _linear(torch.cat(parts, dim=1), bias)
+        device = net.head.weight.device
+        head, first = net.head, net.vit_mlp[0]
+        w, b = folding.fold_linear(_np(first.weight), _np(first.bias), _np(head.weight), _np(head.bias))
+        net.vit_mlp[0], net.head = _linear(w, b, device), nn.Identity()
+        parts = []
+        for seq in (net.vit_mlp, net.mix.inception_mlp, net.mix.mag_mlp):  # the order of the concatenation
+            parts.append((_np(seq[-1].weight), _np(seq[-1].bias)))
+            seq[-1] = nn.Identity()
+        fusion = net.fusion[0]
+        w, b = folding.fold_into_columns(_np(fusion.weight), _np(fusion.bias), parts)
+        net.fusion[0] = _linear(w, b, device)
     return model
 
 
@@ -91,29 +97,10 @@ def _set_fused(model: nn.Module, fused: bool) -> None:
             module.set_fused_attention(fused)
 
 
-#: ``auto`` = ONNX Runtime for AstroMAE on CPU when it is installed (and torch.compile is not asked for), else torch.
-ENGINES = ("auto", "torch", "onnxruntime")
-
-
 def choose_engine(model: nn.Module, device: torch.device, engine: str | None = None, compile: bool = False) -> str:
     """The engine that will run ``model``: ``engine`` (default ``$CAI_ENGINE`` or ``auto``) resolved."""
-    from . import ort_engine
-
-    engine = engine or os.environ.get("CAI_ENGINE") or "auto"
-    if engine not in ENGINES:
-        raise ModelError(f"engine '{engine}' is not known; choose one of {', '.join(ENGINES)}")
-    if engine == "torch":
-        return "torch"
-    fits = device.type == "cpu" and isinstance(getattr(model, "net", None), AstroMAE)
-    if engine == "onnxruntime":
-        if not fits:
-            raise ModelError("engine 'onnxruntime' runs AstroMAE on CPU only (use engine 'torch' for "
-                             f"{type(getattr(model, 'net', model)).__name__} on {device.type})")
-        if not ort_engine.available():
-            raise ModelError("engine 'onnxruntime' needs the onnxruntime and onnx packages "
-                             "(pip install onnxruntime onnx)")
-        return "onnxruntime"
-    return "onnxruntime" if fits and not compile and ort_engine.available() else "torch"
+    return resolve_engine(engine, device.type, isinstance(getattr(model, "net", None), AstroMAE), compile,
+                          type(getattr(model, "net", model)).__name__)
 
 
 def prepare(model: nn.Module, mode: str, device: torch.device, compile: bool | None = None,
@@ -122,27 +109,28 @@ def prepare(model: nn.Module, mode: str, device: torch.device, compile: bool | N
 
     The torch runner maps tensors ``(images, magnitudes) -> redshift``; the ONNX Runtime runner maps float32
     numpy arrays and runs on ``threads`` streams."""
-    model = copy.deepcopy(model).eval().to(device)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    fold_batchnorm(model)
-    fold_linear_chains(model)
-    _set_fused(model, True)
     if compile is None:
         compile = os.environ.get("CAI_COMPILE", "") not in ("", "0", "false", "no")
     requested = engine or os.environ.get("CAI_ENGINE") or "auto"
     chosen = choose_engine(model, device, requested, compile)
     if chosen == "onnxruntime":
-        from .ort_engine import OrtRunner
+        from .ort_engine import runner_for_weights
 
         try:
-            return chosen, OrtRunner(model, mode, threads, _num_heads(model))
+            raw = {k: v.detach().cpu().numpy() for k, v in model.net.state_dict().items()}
+            return chosen, runner_for_weights(raw, model.norm, mode, threads)
         except Exception as exc:
             if requested != "auto":
                 raise ModelError(f"engine 'onnxruntime' failed: {exc}") from exc
             warnings.warn(f"ONNX Runtime engine unavailable ({exc}); running on torch instead", RuntimeWarning,
                           stacklevel=2)
             chosen = "torch"
+    model = copy.deepcopy(model).eval().to(device)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    fold_batchnorm(model)
+    fold_linear_chains(model)
+    _set_fused(model, True)
     # NHWC convolutions and pools: the Inception branch's 3x3 max-pools are ~4x faster (same numbers)
     model = model.to(memory_format=torch.channels_last)
     if device.type == "cuda":
@@ -155,10 +143,6 @@ def prepare(model: nn.Module, mode: str, device: torch.device, compile: bool | N
         return chosen, torch.compile(model) if compile else model
     model = quantize_linear(model, INT8_PREFIXES)
     return chosen, torch.compile(model) if compile else model
-
-
-def _num_heads(model: nn.Module) -> int:
-    return next(m.cfg.num_heads for m in model.modules() if isinstance(m, AstroMAE))
 
 
 #: Sub-modules (of AstroMAE) whose Linear layers ``fast`` runs in int8 on CPU.

@@ -15,21 +15,25 @@ Names:
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
+import sys
+import warnings
 from collections.abc import Callable
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from torch import nn
 
+from ..config import MODES
 from ..errors import ModelError
-from . import BUILTIN
-from .astromae import build_astromae, count_params
-from .fast import MODES, prepare
-from .weights_io import Normalized, as_numpy_f32, load_into
+from . import BUILTIN, resolve_engine
+from .weights_io import NORM_KEY, InputNorm, as_numpy_f32, file_kind, load_safetensors_numpy, refuse_kind
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 DEMO_NAME = "astromae-demo"
 DEMO_FILE = "astromae-demo.safetensors"
@@ -50,6 +54,11 @@ class Predictor:
 
     def __init__(self, name: str, module: nn.Module, device: str = "cpu", mode: str = "exact",
                  compile: bool | None = None, engine: str | None = None, threads: int | None = None):
+        import torch
+
+        from .astromae import count_params
+        from .fast import prepare
+
         self.name = name
         self.device = device
         self.mode = mode
@@ -67,6 +76,38 @@ class Predictor:
             from .cuda_feed import feed_for
 
             self._feed = feed_for(self._run, self._torch_device, mode)
+
+    @classmethod
+    def from_weights(cls, name: str, raw: dict[str, np.ndarray], norm: InputNorm, mode: str = "exact",
+                     threads: int = 1, source: str = "weights") -> Predictor:
+        """AstroMAE on ONNX Runtime from numpy weights (``raw``: its state dict), with no torch at all."""
+        from .ort_engine import runner_for_weights, shipped_template
+
+        self = cls.__new__(cls)
+        self.name, self.device, self.mode = name, "cpu", mode
+        self._weights = (raw, norm, source)  # for ``module``, built only when asked for
+        self.engine = "onnxruntime"
+        self.n_params = shipped_template().n_params
+        self.last_flagged = np.zeros(0, dtype=np.int64)
+        self.weights_sha256 = None
+        self._torch_device = None
+        self._feed = None
+        self._run = runner_for_weights(raw, norm, mode, threads, source)
+        return self
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "module" and "_weights" in self.__dict__:  # from_weights: the plain torch module, on demand
+            from .astromae import build_astromae
+            from .weights_torch import Normalized, load_into
+
+            import torch
+
+            raw, norm, source = self._weights
+            net = build_astromae()
+            load_into(net, {k: torch.from_numpy(np.array(v)) for k, v in raw.items()}, source)
+            self.module = Normalized(net, norm).eval()
+            return self.module
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     @property
     def forward_rows(self) -> int | None:
@@ -103,7 +144,7 @@ class Predictor:
         step = batch_size
         if self.engine == "torch" and self._torch_device.type == "cpu":
             step = min(batch_size, CPU_CHUNK.get(self.mode, batch_size))
-        with torch.inference_mode():
+        with _inference_mode(self.engine):
             for start in range(0, n if rows is None else rows.size, step):
                 sel = slice(start, start + step) if rows is None else rows[start:start + step]
                 img, mag = images[sel], magnitudes[sel]
@@ -121,8 +162,18 @@ class Predictor:
 CPU_CHUNK = {"exact": 128, "fast": 512}
 
 
+def _inference_mode(engine: str):
+    if engine != "torch":
+        return contextlib.nullcontext()
+    import torch
+
+    return torch.inference_mode()
+
+
 def _tensor(arr: np.ndarray) -> torch.Tensor:
     """Zero-copy tensor of ``arr``; read-only arrays (memory-mapped partitions) are copied instead."""
+    import torch
+
     return torch.from_numpy(arr) if arr.flags.writeable else torch.tensor(arr)
 
 
@@ -162,6 +213,9 @@ def check_inputs(images: Any, magnitudes: Any) -> tuple[np.ndarray, np.ndarray]:
 
 def resolve_device(device: str) -> str:
     """Validate ``device``; an unknown or unavailable device raises ModelError naming it."""
+    if device == "cpu":
+        return device
+    torch = _torch(f"device '{device}'")
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as exc:
@@ -176,7 +230,8 @@ def resolve_device(device: str) -> str:
 
 
 def set_threads(threads: int | None) -> int:
-    """Set torch's intra-op threads (default: the CPUs this process may run on); returns the count."""
+    """Threads for the model (default: the CPUs this process may run on), set as torch's intra-op threads when
+    torch is loaded; returns the count."""
     if threads is None:
         try:
             threads = len(os.sched_getaffinity(0))
@@ -184,19 +239,57 @@ def set_threads(threads: int | None) -> int:
             threads = os.cpu_count() or 1
     if threads < 1:
         raise ModelError(f"threads must be >= 1, got {threads}")
-    if torch.get_num_threads() != threads:
+    torch = sys.modules.get("torch")  # set only where torch is loaded (the ONNX Runtime engine never loads it)
+    if torch is not None and torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
     return threads
 
 
+def _torch(what: str):
+    """torch, or a ModelError saying that ``what`` needs the full install."""
+    try:
+        import torch
+    except ImportError as exc:
+        raise ModelError(f"{what} needs torch, which this install does not have (the worker install runs AstroMAE "
+                         "on ONNX Runtime, on CPU): pip install 'cosmicai[full]'") from exc
+    return torch
+
+
 def astromae_from_weights(data: bytes, source: str) -> Normalized:
     """AstroMAE loaded (fp32) from safetensors bytes, a plain state dict .pt, or the original checkpoint."""
+    from .astromae import build_astromae
     from .convert import state_from_bytes
+    from .weights_torch import Normalized, load_into
 
     state, norm = state_from_bytes(data, source)
     net = build_astromae()
     load_into(net, state, source)
     return Normalized(net, norm).eval()
+
+
+def read_weights_numpy(data: bytes, source: str = "weights") -> tuple[dict[str, np.ndarray], InputNorm]:
+    """AstroMAE weights as numpy arrays (our safetensors names) and their input normalisation. Our safetensors
+    files are read with numpy alone; anything else (the original checkpoint, a .pt state dict, safetensors in the
+    authors' naming) goes through ``convert.read_checkpoint``, which needs torch."""
+    from .ort_engine import shipped_template
+
+    kind = file_kind(data)
+    refuse_kind(kind, data, source)
+    if kind == "safetensors":
+        tensors, meta = load_safetensors_numpy(data, source)
+        if set(tensors) == set(shipped_template().state_shapes):
+            return tensors, InputNorm.from_json(meta.get(NORM_KEY), source)
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        what = "safetensors weights in another naming" if kind == "safetensors" else "a torch checkpoint"
+        raise ModelError(f"{source}: {what}; reading it needs torch, which this install does not have (convert "
+                         "it once where torch is installed with `cai model import-cai`, which writes the "
+                         "safetensors a worker reads)") from None
+    from .convert import state_from_bytes
+
+    state, norm = state_from_bytes(data, source)
+    return {k: v.detach().cpu().numpy() for k, v in state.items()}, norm
 
 
 def weights_url(name: str, weights: str | None) -> str | None:
@@ -235,7 +328,15 @@ def load_model(name: str = DEMO_NAME, weights: str | None = None, device: str = 
         raise ModelError(f"mode '{mode}' is not known; choose one of {', '.join(MODES)}")
     device = resolve_device(device)
     threads = set_threads(threads)
+    if compile is None:
+        compile = os.environ.get("CAI_COMPILE", "") not in ("", "0", "false", "no")
+    requested = engine or os.environ.get("CAI_ENGINE") or "auto"
+    chosen = resolve_engine(requested, device.split(":")[0], True, compile)
     if name == "astromae-random":
+        from .astromae import build_astromae
+        from .weights_torch import Normalized
+
+        _torch(f"model '{name}'")
         return Predictor(name, Normalized(build_astromae(seed=0)), device, mode, compile, engine, threads)
     if name in (DEMO_NAME, "astromae"):
         if weights is None:
@@ -258,13 +359,38 @@ def load_model(name: str = DEMO_NAME, weights: str | None = None, device: str = 
             raise ModelError(f"weights '{weights}' changed since the run was planned (sha256 {now[:12]}, the plan "
                              f"has {sha256[:12]}): restore them, or rerun with --overwrite to predict everything "
                              "with the new weights")
-        pred = Predictor(name, astromae_from_weights(data, weights), device, mode, compile, engine, threads)
+        pred = None
+        if chosen == "onnxruntime":  # numpy weights bound to the shipped graph template: no torch needed
+            from .ort_engine import OrtUnavailable
+
+            raw, norm = read_weights_numpy(data, weights)
+            try:
+                pred = Predictor.from_weights(name, raw, norm, mode, threads, weights)
+            except OrtUnavailable as exc:
+                if requested != "auto" or not _has_torch():
+                    raise
+                warnings.warn(f"ONNX Runtime engine unavailable ({exc}); running on torch instead", RuntimeWarning,
+                              stacklevel=2)
+        if pred is None:
+            _torch(f"engine 'torch' (device {device}, compile={bool(compile)})")
+            pred = Predictor(name, astromae_from_weights(data, weights), device, mode, compile, "torch", threads)
         pred.weights_sha256 = now
         return pred
+    _torch(f"model '{name}'")
     return _load_plugin(name, weights, device, mode, threads)
 
 
+def _has_torch() -> bool:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def _load_plugin(name: str, weights: str | None, device: str, mode: str, threads: int | None) -> Predictor:
+    from torch import nn
+
     factory = _find_factory(name)
     obj = factory(weights=weights, device=device, mode=mode, threads=threads)
     if isinstance(obj, Predictor):

@@ -135,7 +135,7 @@ def train(args: argparse.Namespace) -> dict:
 
     from .astromae import build_astromae, count_params
     from .registry import load_model
-    from .weights_io import Normalized, save_weights
+    from .weights_torch import Normalized, save_weights
 
     torch.manual_seed(args.seed)
     if args.threads:

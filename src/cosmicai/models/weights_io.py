@@ -1,15 +1,17 @@
-"""Reading and writing AstroMAE weights as safetensors, with the input normalisation in the metadata."""
+"""Reading AstroMAE weights (safetensors, with the input normalisation in the metadata) without torch.
+
+The torch side (the ``Normalized`` module, writing weights, loading into a module) is ``weights_torch.py``.
+"""
 
 from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
-from torch import nn
 
 from ..errors import ModelError
 
@@ -51,44 +53,6 @@ class InputNorm:
         return norm
 
 
-class Normalized(nn.Module):
-    """Wraps a network with :class:`InputNorm`: ``forward(raw images, raw magnitudes) -> redshift``."""
-
-    def __init__(self, net: nn.Module, norm: InputNorm | None = None):
-        super().__init__()
-        norm = norm or InputNorm()
-        self.net = net
-        self.norm = norm
-        self.register_buffer("img_off", torch.tensor(norm.image_offset, dtype=torch.float32).view(1, 5, 1, 1), False)
-        self.register_buffer("img_inv", 1.0 / torch.tensor(norm.image_scale, dtype=torch.float32).view(1, 5, 1, 1),
-                             False)
-        self.register_buffer("mag_off", torch.tensor(norm.mag_offset, dtype=torch.float32).view(1, 5), False)
-        self.register_buffer("mag_inv", 1.0 / torch.tensor(norm.mag_scale, dtype=torch.float32).view(1, 5), False)
-        self.z_offset = float(norm.z_offset)
-        self.z_scale = float(norm.z_scale)
-        self.identity = norm == InputNorm()
-
-    def forward(self, images: torch.Tensor, magnitudes: torch.Tensor) -> torch.Tensor:
-        if self.identity:
-            return self.net(images, magnitudes)
-        return self.regress(self.image_features(images), magnitudes)
-
-    def image_features(self, images: torch.Tensor) -> torch.Tensor:
-        """Raw images -> the network's ``image_features`` (needs an AstroMAE-like ``net``)."""
-        if not self.identity:
-            images = (images - self.img_off) * self.img_inv
-            if self.norm.image_asinh:
-                images = torch.asinh(images)
-        return self.net.image_features(images)
-
-    def regress(self, features: torch.Tensor, magnitudes: torch.Tensor) -> torch.Tensor:
-        """``image_features`` + raw magnitudes -> redshift in the catalogue's units."""
-        if self.identity:
-            return self.net.regress(features, magnitudes)
-        out = self.net.regress(features, (magnitudes - self.mag_off) * self.mag_inv)
-        return out * self.z_scale + self.z_offset
-
-
 def read_safetensors_metadata(data: bytes, source: str = "weights") -> dict[str, str]:
     """The ``__metadata__`` of a safetensors blob (empty when absent)."""
     try:
@@ -99,9 +63,9 @@ def read_safetensors_metadata(data: bytes, source: str = "weights") -> dict[str,
     return dict(header.get("__metadata__") or {})
 
 
-def load_safetensors(data: bytes, source: str = "weights") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and metadata of a safetensors blob; a corrupt blob raises ModelError naming ``source``."""
-    from safetensors.torch import load
+def load_safetensors_numpy(data: bytes, source: str = "weights") -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Tensors (numpy) and metadata of a safetensors blob; a corrupt blob raises ModelError naming ``source``."""
+    from safetensors.numpy import load
 
     meta = read_safetensors_metadata(data, source)
     try:
@@ -111,42 +75,74 @@ def load_safetensors(data: bytes, source: str = "weights") -> tuple[dict[str, to
     return tensors, meta
 
 
-def save_weights(state: dict[str, torch.Tensor], norm: InputNorm | None = None, dtype: torch.dtype | None = None,
-                 extra_meta: dict[str, Any] | None = None) -> bytes:
-    """Serialise a state dict to safetensors bytes; floating tensors are cast to ``dtype`` when given."""
-    from safetensors.torch import save
-
-    out = {}
-    for key, t in state.items():
-        t = t.detach().cpu()
-        if dtype is not None and t.is_floating_point():
-            if dtype == torch.float16 and t.abs().max().item() > 6e4:
-                t = t.to(torch.float32)  # would overflow fp16
-            else:
-                t = t.to(dtype)
-        out[key] = t.contiguous()
-    meta = {NORM_KEY: (norm or InputNorm()).to_json(), "format": "cosmicai-model"}
-    for k, v in (extra_meta or {}).items():
-        meta[k] = v if isinstance(v, str) else json.dumps(v)
-    return save(out, metadata=meta)
+#: ``torch.save``'s legacy (pre-1.6, non-zip) files start with this number, pickled with protocol 2.
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+USE_WEIGHTS = ("give the safetensors file written by `cai model import-cai`, or the authors' .pt checkpoint "
+        "(Mixed_Inception_z_VITAE_Base_Img_Full_New_Full.pt)")
 
 
-def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str = "weights") -> None:
-    """Load ``state`` into ``model`` strictly; missing/unexpected keys or shape mismatches raise ModelError."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
+def file_kind(data: bytes) -> str:
+    """What a weights file is, from its first bytes: 'empty', 'safetensors', 'safetensors-truncated',
+    'torch-zip', 'torch-legacy', 'pickle' or 'unknown'."""
+    if not data:
+        return "empty"
+    if data[:4] == b"PK\x03\x04":
+        return "torch-zip"
+    if data[:4] == b"\x80\x02\x8a\x0a" and int.from_bytes(data[4:14], "little") == _LEGACY_MAGIC:
+        return "torch-legacy"
+    if len(data) > 1 and data[0] == 0x80 and 2 <= data[1] <= 5:
+        return "pickle"
+    if len(data) >= 9 and data[8:9] == b"{":
+        n = int.from_bytes(data[:8], "little")
+        return "safetensors" if n <= len(data) - 8 else "safetensors-truncated"
+    return "unknown"
+
+
+def refuse_kind(kind: str, data: bytes, source: str) -> None:
+    """Raise the ModelError that says what the file is and what to do, for kinds that hold no weights."""
+    if kind == "empty":
+        raise ModelError(f"{source}: the file is empty (0 bytes), not a checkpoint; the copy or download was "
+                         "probably interrupted: fetch it again")
+    if kind == "safetensors-truncated":
+        n = int.from_bytes(data[:8], "little")
+        raise ModelError(f"{source}: truncated safetensors file (its header needs {n} bytes, the file has "
+                         f"{len(data) - 8} after the length field); the copy is incomplete: fetch it again")
+    if kind == "torch-legacy":
+        raise ModelError(f"{source}: a legacy (torch < 1.6, non-zip) checkpoint; reading one needs full "
+                         "unpickling, which cosmicai never does. In a trusted environment, re-save it in the zip "
+                         "format with torch >= 1.6 (torch.save(torch.load(path, weights_only=False), new_path)), "
+                         "then import that")
+    if kind == "pickle":
+        raise ModelError(f"{source}: a raw Python pickle, not a torch checkpoint or safetensors weights; refused "
+                         f"unread (nothing was executed); {USE_WEIGHTS}")
+    if kind == "unknown":
+        raise ModelError(f"{source}: not a checkpoint: neither safetensors weights, a torch zip checkpoint nor a "
+                         f"pickle (first bytes {data[:8]!r}); {USE_WEIGHTS}")
+
+
+def check_state(expected: Mapping[str, tuple[int, ...]], state: Mapping[str, Any], source: str = "weights") -> None:
+    """``state`` (name -> tensor or array) must have exactly the names and shapes of ``expected`` and finite
+    floating values; otherwise ModelError naming every missing, unexpected or wrong-shape tensor."""
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
         raise ModelError(f"{source}: weights do not fit the model: {_keys('missing', missing)}"
                          f"{'; ' if missing and unexpected else ''}{_keys('unexpected', unexpected)}")
-    wrong = [f"{k} {tuple(state[k].shape)} (expected {tuple(own[k].shape)})"
-             for k in own if tuple(state[k].shape) != tuple(own[k].shape)]
+    wrong = [f"{k} {tuple(state[k].shape)} (expected {tuple(expected[k])})"
+             for k in expected if tuple(state[k].shape) != tuple(expected[k])]
     if wrong:
-        raise ModelError(f"{source}: {len(wrong)} weight(s) have the wrong shape: {', '.join(wrong[:10])}")
-    bad = [k for k, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+        raise ModelError(f"{source}: {len(wrong)} tensor(s) with the wrong shape: {', '.join(wrong[:10])}")
+    bad = [k for k, t in state.items() if _floating(t) and not np.isfinite(_as_array(t)).all()]
     if bad:
         raise ModelError(f"{source}: weight(s) contain NaN or inf: {', '.join(bad[:10])}")
-    model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=True)
+
+
+def _floating(t: Any) -> bool:
+    return bool(t.is_floating_point()) if hasattr(t, "is_floating_point") else np.issubdtype(t.dtype, np.floating)
+
+
+def _as_array(t: Any) -> np.ndarray:
+    return t.detach().cpu().float().numpy() if hasattr(t, "detach") else np.asarray(t)
 
 
 def _keys(kind: str, keys: list[str]) -> str:
@@ -157,8 +153,8 @@ def _keys(kind: str, keys: list[str]) -> str:
 
 
 def as_numpy_f32(arr: Any, name: str) -> np.ndarray:
-    """``arr`` as a float32 numpy array (copy only when needed)."""
-    if isinstance(arr, torch.Tensor):
+    """``arr`` as a float32 numpy array (copy only when needed); torch tensors are accepted."""
+    if type(arr).__module__.startswith("torch") and hasattr(arr, "detach"):
         arr = arr.detach().cpu().numpy()
     if not isinstance(arr, np.ndarray):
         raise ModelError(f"'{name}' is {type(arr).__name__}, expected a numpy array")

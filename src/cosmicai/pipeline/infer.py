@@ -12,6 +12,7 @@ import math
 import os
 import platform
 import socket
+import sys
 import time
 import traceback
 import warnings
@@ -32,17 +33,24 @@ _WORKER_THREADS: int | None = None
 
 
 def configure_worker(threads: int | None) -> None:
-    """Set this process's torch threads (backend worker initializers call this once)."""
+    """Set this process's model threads (backend worker initializers call this once); torch's too, where it is
+    loaded (the ONNX Runtime engine never loads it)."""
     global _WORKER_THREADS
     _WORKER_THREADS = threads
-    if threads:
-        import torch
-
+    torch = sys.modules.get("torch")
+    if threads and torch is not None:
         torch.set_num_threads(int(threads))
 
 
+def _threads_in_use(predictor: Any) -> int:
+    torch = sys.modules.get("torch")
+    if getattr(predictor, "engine", None) == "torch" and torch is not None:
+        return int(torch.get_num_threads())
+    return int(getattr(getattr(predictor, "_run", None), "threads", 0) or _WORKER_THREADS or os.cpu_count() or 1)
+
+
 def worker_threads() -> int | None:
-    """The torch threads set by :func:`configure_worker` (None: the model loader's default)."""
+    """The threads set by :func:`configure_worker` (None: the model loader's default)."""
     return _WORKER_THREADS
 
 
@@ -339,8 +347,6 @@ def _run(plan: Plan, rank: int, parts: list[dict[str, Any]], started: str) -> di
 
     rows = sum(rows_per_part.values())
     wall = time.perf_counter() - wall0
-    import torch
-
     prefix = storage.basename(plan.data_url)
     record: dict[str, Any] = {
         "total_cpu_time (seconds)": wall,
@@ -363,7 +369,7 @@ def _run(plan: Plan, rank: int, parts: list[dict[str, Any]], started: str) -> di
         "peak_rss_mb": _peak_rss_mb(),
         "cold_start": cold,
         "cpu": {"host": socket.gethostname(), "pid": os.getpid(), "cpu_model": _cpu_model(),
-                "cores": os.cpu_count(), "torch_threads": torch.get_num_threads()},
+                "cores": os.cpu_count(), "threads": _threads_in_use(predictor)},
         "model": cfg["model"],
         "mode": cfg["mode"],
         "mode_used": fast_check["mode_used"] if fast_check else cfg["mode"],
