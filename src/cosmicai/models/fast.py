@@ -69,7 +69,7 @@ def _linear(weight, bias, device: torch.device) -> nn.Linear:
 
 def fold_linear_chains(model: nn.Module) -> nn.Module:
     """Merge Linear layers with no activation between them (in place, ``folding.fold_linear`` and
-    ``fold_into_columns``: products in float64); returns ``model``.
+    ``fold_into_columns``); returns ``model``.
 
     ``head`` is folded into ``vit_mlp[0]``, and the last Linear of each branch (``vit_mlp[2]``,
     ``mix.inception_mlp[2]``, ``mix.mag_mlp[8]``) into the matching columns of ``fusion[0]``: the same maths with
