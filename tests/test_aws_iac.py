@@ -142,37 +142,54 @@ def test_iam_is_least_privilege():
     assert tpl["Resources"]["SummarizeFunction"]["Properties"]["Policies"] == [{"Ref": "ResultReadWritePolicy"}]
 
 
-def test_dockerfile_base_image_cpu_torch_handlers_and_no_secrets():
+def test_dockerfile_worker_image_handlers_and_no_secrets():
     text = (AWS_DIR / "Dockerfile").read_text()
     lines = [ln for ln in text.splitlines() if ln and not ln.startswith("#")]
-    assert lines[0] == "FROM public.ecr.aws/lambda/python:3.11"
-    assert "--index-url https://download.pytorch.org/whl/cpu" in text
+    # 3.12, not 3.11: the python:3.11 image is Amazon Linux 2 (glibc 2.26), which cannot load onnxruntime's,
+    # numpy's and pyarrow's manylinux_2_27/2_28 wheels. tests/test_lambda_image.py runs the steps themselves.
+    assert lines[0] == "FROM public.ecr.aws/lambda/python:3.12"
+    assert "pytorch.org" not in text and "TORCH" not in text and "CAI_ONNX_CACHE" not in text  # nothing exported
+    for env in ("HOME=/tmp", "XDG_CACHE_HOME=/tmp/.cache", "CAI_MODEL=astromae-demo", "CAI_MODE=exact"):
+        assert env in text
+    installs = [ln for ln in lines if "pip install" in ln]
+    assert len(installs) == 1 and "--require-hashes" in installs[0] and "--only-binary=:all:" in installs[0]
+    assert "torch" not in installs[0] and "find_spec(m)]" in text  # and the build fails if torch is importable
+    assert '-r "${LAMBDA_TASK_ROOT}/worker-requirements.txt" --target "${LAMBDA_TASK_ROOT}"' in text
+    assert "COPY cosmicai ${LAMBDA_TASK_ROOT}/cosmicai" in lines
     cmd = [ln for ln in lines if ln.startswith("CMD")]
     assert cmd == ['CMD ["cosmicai.backends.aws.handlers.infer"]']
-    assert "load_model('astromae-demo', mode=m) for m in ('exact', 'fast')" in text  # graphs baked in
-    assert "CAI_ONNX_CACHE=/opt/cai-onnx" in text
+    assert "for m in ('exact', 'fast')]" in text and "load_model('astromae-demo', mode=m)" in text  # build check
     lowered = text.lower()
     assert not any(s in lowered for s in ("aws_secret", "aws_access_key", "password", "token"))
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert {".git", "node_modules", "tests", ".aws", ".env"} <= set(ignored)
 
 
-def test_deploy_prints_build_push_and_sam_commands(capsys):
+def test_deploy_prints_build_push_and_sam_commands(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # any folder: the build context is assembled from the installed package
+    context = tmp_path / "ctx"
     rc = main(["aws", "deploy", "--print", "--stack", "cai", "--region", "eu-west-1", "--data-bucket", "dbk",
                "--data-prefix", "sets/sdss", "--result-bucket", "rbk", "--arch", "arm64", "--memory", "10240",
-               "--max-concurrency", "500", "--tolerated-failure-percentage", "5", "--reserved-concurrency", "50"])
+               "--max-concurrency", "500", "--tolerated-failure-percentage", "5", "--reserved-concurrency", "50",
+               "--context", str(context)])
     out = capsys.readouterr().out
     assert rc == 0
+    assert out.splitlines()[0] == f"# build context (the installed cosmicai package): {context}"
     assert "aws ecr create-repository --repository-name cosmicai-lambda --region eu-west-1" in out
     assert "aws ecr get-login-password --region eu-west-1 | docker login --username AWS --password-stdin " \
            "${ACCOUNT}.dkr.ecr.eu-west-1.amazonaws.com" in out
     assert "docker buildx build --platform linux/arm64 --provenance=false" in out
+    dockerfile = context / "cosmicai" / "backends" / "aws" / "Dockerfile"
+    assert f"-f {dockerfile} --load {context}" in out and dockerfile.is_file()
+    assert (context / "cosmicai" / "backends" / "aws" / "worker-requirements.txt").is_file()
     assert 'docker push "${ACCOUNT}.dkr.ecr.eu-west-1.amazonaws.com/cosmicai-lambda:latest-arm64"' in out
     sam = [ln for ln in out.splitlines() if ln.startswith("sam deploy")][0]
-    for part in ("--template-file src/cosmicai/backends/aws/template.yaml", "--stack-name cai", "Architecture=arm64",
+    template = context / "cosmicai" / "backends" / "aws" / "template.yaml"
+    for part in (f"--template-file {template}", "--stack-name cai", "Architecture=arm64",
                  "MemorySize=10240", "MaxConcurrency=500", "ToleratedFailurePercentage=5", "DataBucket=dbk",
                  "DataPrefix=sets/sdss", "ResultBucket=rbk", "InferReservedConcurrency=50"):
         assert part in sam
+    assert template.is_file()
     # Every override names a real template parameter.
     params = set(_template()["Parameters"])
     overrides = sam.split("--parameter-overrides ", 1)[1].split()

@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -18,9 +19,11 @@ def register(subparsers: Any) -> None:
     sub = p.add_subparsers(dest="aws_command", metavar="SUBCOMMAND")
 
     d = sub.add_parser("deploy", help="build and push the Lambda image, deploy the SAM stack",
-                       description="Builds the container image (docker buildx), pushes it to ECR and deploys "
-                       "template.yaml with sam. Runs the steps when aws, docker and sam are installed (and "
-                       "--print is not given); otherwise prints the exact commands.")
+                       description="Builds the container image (docker buildx) from the INSTALLED cosmicai "
+                       "package (copied into a build context folder, so it works from any directory), pushes it "
+                       "to ECR and deploys template.yaml with sam. Runs the steps when aws, docker and sam are "
+                       "installed (and --print is not given); otherwise prints the exact commands, for the build "
+                       "context it leaves in place.")
     d.add_argument("--stack", required=True, help="CloudFormation stack name (also the functions' name prefix)")
     d.add_argument("--region", default=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1")
     d.add_argument("--data-bucket", required=True, dest="data_bucket")
@@ -40,6 +43,9 @@ def register(subparsers: Any) -> None:
     d.add_argument("--tag", default="latest")
     d.add_argument("--account", help="AWS account id (default: looked up with aws sts)")
     d.add_argument("--print", action="store_true", dest="print_only", help="only print the commands")
+    d.add_argument("--context", metavar="DIR", help="assemble the Docker build context in DIR (kept; it must not "
+                   "hold cosmicai/ yet). Default: a temporary folder, removed after a deploy, kept when the "
+                   "commands are only printed")
     d.set_defaults(func=cmd_deploy)
 
     r = sub.add_parser("run", help="start a named execution, follow it, print the summary",
@@ -105,23 +111,21 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         max_concurrency=args.max_concurrency, tolerated_failure_percentage=args.tolerated_failure_percentage,
         allow_failures=args.allow_failures, model=args.model, repository=args.repository, tag=args.tag,
         account=args.account).validate()
-    root = _repo_root()
     missing = deploy.missing_tools()
     if args.print_only or missing:
+        context = deploy.build_context(args.context)
         if missing and not args.print_only:
-            print(f"# {', '.join(missing)} not installed: run these commands where they are "
-                  f"(from the repository root):", file=sys.stderr)
-        print(deploy.script(settings, "."))
+            print(f"# {', '.join(missing)} not installed: run these commands where they are, with the build "
+                  f"context {context} (elsewhere: copy it to the same path first):", file=sys.stderr)
+        print(deploy.script(settings, context))
         return 0
-    deploy.execute(settings, root)
+    if args.context:
+        deploy.execute(settings, deploy.build_context(args.context))
+    else:
+        with tempfile.TemporaryDirectory(prefix="cai-lambda-context-") as tmp:
+            deploy.execute(settings, deploy.build_context(tmp))
     print(f"deployed stack {args.stack}; start a run with: cai aws run CONFIG --stack {args.stack}")
     return 0
-
-
-def _repo_root() -> str:
-    here = os.path.dirname(os.path.abspath(__file__))
-    root = os.path.abspath(os.path.join(here, "..", "..", ".."))
-    return root if os.path.exists(os.path.join(root, "pyproject.toml")) else os.getcwd()
 
 
 def _run_input(args: argparse.Namespace) -> dict[str, Any]:

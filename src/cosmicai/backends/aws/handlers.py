@@ -5,10 +5,12 @@
   Retry/Catch apply. ``{"action": "record_failure", ...}`` (the Catch) records the error in ``errors/<rank>.json``.
 * ``summarize``  - ``summarize(result_url, allow_failures)``; returns a small status.
 
-The model named by ``CAI_MODEL`` (weights ``CAI_WEIGHTS``, mode ``CAI_MODE``, torch threads ``CAI_THREADS``) is
-loaded when this module is imported, i.e. during the Lambda INIT phase, and warm invocations reuse it. The
-stack's locations come from ``CAI_DATA_BUCKET``/``CAI_DATA_PREFIX`` and ``CAI_RESULT_BUCKET``/``CAI_RESULT_PREFIX``;
-``CAI_MAX_CONCURRENCY``, ``CAI_TOLERATED_FAILURE_PERCENTAGE`` and ``CAI_ALLOW_FAILURES`` are the Map defaults.
+The model named by ``CAI_MODEL`` (weights ``CAI_WEIGHTS``, mode ``CAI_MODE``, inference threads ``CAI_THREADS``) is
+loaded when this module is imported, i.e. during the Lambda INIT phase, and warm invocations reuse it. The image
+(Dockerfile) is the torch-free worker install: it bakes in ``astromae-demo`` (weights and ONNX graph templates are
+package data), so nothing is exported or cached at INIT. The stack's locations come from
+``CAI_DATA_BUCKET``/``CAI_DATA_PREFIX`` and ``CAI_RESULT_BUCKET``/``CAI_RESULT_PREFIX``; ``CAI_MAX_CONCURRENCY``,
+``CAI_TOLERATED_FAILURE_PERCENTAGE`` and ``CAI_ALLOW_FAILURES`` are the Map defaults.
 """
 
 from __future__ import annotations
