@@ -171,3 +171,17 @@ def test_failing_partition_is_retried_then_caught_and_named(stack, tiny_dataset,
     error = storage.read_json(f"{result}/errors/2.json")
     assert "sha256" in error["message"] and error["partitions"] == ["part-000003.safetensors"]
     assert _read_parquet(f"{result}/predictions.parquet").num_rows == 36
+
+
+def test_python_api_runs_on_step_functions_like_cai_aws_run(stack, tiny_dataset):
+    import cosmicai
+
+    name = "tiny-api"
+    data, result = f"s3://{DATA_BUCKET}/{DATA_PREFIX}/tiny-api", f"s3://{RESULT_BUCKET}/{RESULT_PREFIX}/{name}"
+    arn = _state_machine(stack, "eu-west-1")
+    out = cosmicai.run(data, result, backend="aws", state_machine_arn=arn, region="eu-west-1", name=name,
+                       upload=tiny_dataset, model=MODEL, batch_size=5, world_size=4, poll_s=0.5, timeout_s=120)
+    assert out.complete and out.failures == [] and out.summary["completeness"]["rows_out"] == 48
+    assert out.execution_arn == f"{arn.replace(':stateMachine:', ':execution:')}:{name}"
+    assert sorted(out.predictions(["object_id"]).column("object_id").to_pylist()) == list(range(48))
+    assert out.metrics == storage.read_json(f"{result}/summary.json")["metrics"]

@@ -1,0 +1,136 @@
+"""The Python API, for notebooks and scripts: ``run`` a model over a dataset on a backend and get a
+:class:`RunResult`; ``load_model``; ``predict`` on arrays already in memory. Nothing here prints unless asked
+(``report=True``, ``progress=True``)."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .errors import ConfigError
+
+BACKENDS = ("local", "dask", "aws")
+#: ``run`` options that go to the Step Functions runner, not into the run config.
+AWS_OPTIONS = ("stack", "state_machine_arn", "endpoint", "region", "name", "upload", "poll_s", "timeout_s")
+
+
+@dataclass
+class RunResult:
+    """A finished run: ``summary`` (summary.json), ``metrics``, ``failures``, and the predictions on demand."""
+
+    result_url: str
+    summary: dict[str, Any]
+    execution_arn: str | None = None
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        """Accuracy against the catalogue redshifts (MAE, MSE, Bias, Precision, R2, outlier_fraction, n)."""
+        return dict(self.summary.get("metrics") or {})
+
+    @property
+    def failures(self) -> list[dict[str, Any]]:
+        """One entry per failed rank, naming its partitions and the error (empty when every rank succeeded)."""
+        return list(self.summary.get("failures") or [])
+
+    @property
+    def complete(self) -> bool:
+        """Every rank succeeded and rows in == rows out."""
+        return bool((self.summary.get("completeness") or {}).get("complete"))
+
+    def predictions(self, columns: list[str] | None = None):
+        """``predictions.parquet`` as a pyarrow Table (object_id, partition, row, z_pred, z_true, flag)."""
+        import pyarrow.parquet as pq
+
+        from . import storage
+        from .pipeline.records import PREDICTIONS_NAME
+
+        data = storage.read_bytes(storage.join(self.result_url, PREDICTIONS_NAME))
+        return pq.read_table(io.BytesIO(data), columns=columns)
+
+    def to_pandas(self, columns: list[str] | None = None):
+        """The predictions as a pandas DataFrame (needs pandas)."""
+        import importlib.util
+
+        if importlib.util.find_spec("pandas") is None:  # pyarrow converts; pandas itself is the user's
+            raise ImportError("RunResult.to_pandas needs pandas (pip install pandas); predictions() returns a "
+                              "pyarrow Table without it")
+        return self.predictions(columns).to_pandas()
+
+    def __repr__(self) -> str:
+        done = self.summary.get("completeness") or {}
+        r2 = self.metrics.get("R2")
+        return (f"RunResult({self.result_url!r}, complete={self.complete}, rows={done.get('rows_out')}, "
+                f"ranks={done.get('ranks_done')}/{self.summary.get('world_size')}, "
+                f"R2={'n/a' if r2 is None else f'{r2:.4f}'})")
+
+
+def run(data: str, result: str | None = None, *, model: str = "astromae-demo", backend: str = "local",
+        weights: str | None = None, mode: str = "exact", progress: bool = False, report: bool = False,
+        **options: Any) -> RunResult:
+    """Run ``model`` over the dataset at ``data`` and write everything under ``result``; returns the result.
+
+    ``backend``: ``local`` (processes on this machine), ``dask`` (``scheduler=`` an address, or a local cluster)
+    or ``aws`` (the deployed Step Functions state machine: ``stack=`` or ``state_machine_arn=``, plus
+    ``endpoint=``, ``region=``, ``name=``, ``upload=``, ``poll_s=``, ``timeout_s=``). Other ``options`` are run
+    config keys (``batch_size``, ``world_size``, ``workers``, ``threads``, ``device``, ``allow_failures``,
+    ``overwrite``, ...; see docs/pipeline.md); an unknown one raises ConfigError naming it. A rerun resumes.
+    Failed ranks raise IncompleteRunError unless ``allow_failures=True``."""
+    from .config import load_config
+
+    if backend not in BACKENDS:
+        raise ConfigError(f"backend '{backend}' is not known; choose one of {', '.join(BACKENDS)}")
+    values = {"data": data, "model": model, "weights": weights, "mode": mode, **options}
+    if result is not None:
+        values["result"] = result
+    values = {k: v for k, v in values.items() if v is not None}
+    if backend == "aws":
+        return _run_aws(values, report)
+    from .pipeline.run import run as run_pipeline
+
+    config, _ = load_config({**values, "backend": backend})
+    return RunResult(config.result, run_pipeline(config, progress=progress, report=report))
+
+
+def _run_aws(values: dict[str, Any], report: bool) -> RunResult:
+    from .backends.aws.runner import run_on_stepfunctions
+    from .config import load_config
+    from .pipeline.summarize import IncompleteRunError
+
+    runner = {k: values.pop(k) for k in AWS_OPTIONS if k in values}
+    if "result" in values:
+        load_config(values)  # a typo fails here, before an execution starts
+    execution = run_on_stepfunctions(values, **runner)
+    if execution.summary is None:
+        raise IncompleteRunError(f"execution {execution.name} ended {execution.status.get('status')} "
+                                 f"({execution.status.get('error')}) and wrote no summary under "
+                                 f"{execution.result_url}")
+    if report:
+        from .pipeline.run import format_report
+
+        print(format_report(execution.summary))
+    return RunResult(execution.result_url, execution.summary, execution.arn)
+
+
+_PREDICTORS: dict[tuple, Any] = {}
+
+
+def load_model(name: str = "astromae-demo", weights: str | None = None, **kwargs: Any):
+    """A loaded model (``predict(images, magnitudes, batch_size)``); see ``cosmicai.models.registry.load_model``."""
+    from .models.registry import load_model as _load
+
+    return _load(name, weights=weights, **kwargs)
+
+
+def predict(images: Any, magnitudes: Any, *, model: str = "astromae-demo", weights: str | None = None,
+            mode: str = "exact", device: str = "cpu", batch_size: int = 512, threads: int | None = None
+            ) -> np.ndarray:
+    """Redshifts (float32, one per row; NaN for rows with non-finite inputs) for raw images [N, 5, 32, 32] and
+    magnitudes [N, 5] already in memory. The model is loaded once per (model, weights, mode, device, threads)."""
+    key = (model, weights, mode, device, threads)
+    predictor = _PREDICTORS.get(key)
+    if predictor is None:
+        predictor = _PREDICTORS[key] = load_model(model, weights, mode=mode, device=device, threads=threads)
+    return predictor.predict(images, magnitudes, batch_size=batch_size)

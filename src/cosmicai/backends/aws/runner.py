@@ -1,0 +1,59 @@
+"""The Step Functions runner: start a named execution of the deployed state machine, follow it to the end and
+fetch the run's summary. ``cosmicai.run(..., backend="aws")`` calls it; it prints nothing."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ...errors import ConfigError
+from . import client as aws
+
+
+@dataclass
+class Execution:
+    """A finished (or abandoned) execution: its ARN and name, the final status, the run's result URL and the
+    summary Summarize wrote (None when it wrote none)."""
+
+    arn: str
+    name: str
+    status: dict[str, Any]
+    result_url: str
+    summary: dict[str, Any] | None
+
+
+def run_on_stepfunctions(run_input: dict[str, Any], *, state_machine_arn: str | None = None,
+                         stack: str | None = None, endpoint: str | None = None, region: str | None = None,
+                         name: str | None = None, upload: str | None = None, poll_s: float = 2.0,
+                         timeout_s: float | None = None, wait: bool = True,
+                         on_update: Callable[[dict[str, Any]], None] | None = None) -> Execution:
+    """Run ``run_input`` (a run config: data, result, model, ...) on the state machine named by
+    ``state_machine_arn`` or by the outputs of ``stack``. Without a result URL the stack's ``ResultLocation``
+    plus the execution name is used. ``upload``: a local dataset folder copied to the config's data URL first."""
+    from ...config import load_config
+
+    run_input = dict(run_input)
+    if not state_machine_arn and not stack:
+        raise ConfigError("give stack=NAME (a deployed stack) or state_machine_arn=ARN")
+    sfn = aws.client("stepfunctions", endpoint, region)
+    outputs: dict[str, str] = {}
+    if stack:
+        outputs = aws.stack_outputs(aws.client("cloudformation", endpoint, region), stack)
+        state_machine_arn = state_machine_arn or outputs.get("StateMachineArn")
+    if not state_machine_arn:
+        raise ConfigError("give stack=NAME (a deployed stack) or state_machine_arn=ARN")
+    name = aws.check_name(name) if name else aws.run_name()
+    if "result" not in run_input and "result_path" not in run_input:
+        if not outputs.get("ResultLocation"):
+            raise ConfigError("no result URL: give result='s3://...' (or a stack, whose outputs name the result "
+                              "location)")
+        run_input["result"] = outputs["ResultLocation"].rstrip("/") + "/" + name
+    config, _ = load_config({k: v for k, v in run_input.items() if k != "aws"})
+    if upload:
+        aws.upload_dataset(upload, config.data)
+    arn = aws.start_run(sfn, state_machine_arn, run_input, name)
+    if not wait:
+        return Execution(arn, name, {"status": "RUNNING"}, config.result, None)
+    final = aws.wait(sfn, arn, poll_s=poll_s, timeout_s=timeout_s, on_update=on_update)
+    return Execution(arn, name, final, config.result, aws.read_summary(config.result))
