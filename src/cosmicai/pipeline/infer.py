@@ -263,29 +263,81 @@ def record_failure(plan: Plan, rank: int, error_type: str, message: str, recorde
             "recorded_by": recorded_by}
 
 
-def _run(plan: Plan, rank: int, parts: list[dict[str, Any]], started: str) -> dict[str, Any]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+class _RankOutput:
+    """What a rank has predicted so far: one column chunk per partition, and the per-partition counts."""
 
-    cfg = plan.config
-    wall0 = time.perf_counter()
+    def __init__(self) -> None:
+        self.columns: dict[str, list[np.ndarray]] = {k: [] for k in ("object_id", "partition", "row", "z_pred",
+                                                                      "z_true", "flag")}
+        self.rows_per_part: dict[str, int] = {}
+        self.bad_predictions: dict[str, int] = {}
+        self.num_batches = 0
+        self.has_z = True
+
+    def add(self, name: str, data: Partition, z: np.ndarray, allow_nonfinite: bool, batch_size: int) -> None:
+        """Check and keep one partition's predictions (non-finite inputs and overflowing outputs flagged)."""
+        n = len(data)
+        z = np.asarray(z, dtype=np.float32)
+        if z.shape != (n,):
+            raise DataError(f"{name}: the model returned shape {z.shape} for {n} rows")
+        flag = data.nonfinite_rows() if allow_nonfinite else np.zeros(n, dtype=bool)
+        z = np.where(flag, np.float32(np.nan), z)
+        # Finite but extreme inputs (a pixel of 1e19, magnitudes of 3e38) can overflow the network: such rows
+        # are flagged and counted too, never passed off as predictions.
+        overflow = ~np.isfinite(z) & ~flag
+        if overflow.any():
+            self.bad_predictions[name] = int(overflow.sum())
+            flag = flag | overflow
+            z = np.where(overflow, np.float32(np.nan), z)
+        self.num_batches += math.ceil(n / batch_size)
+        self.rows_per_part[name] = n
+        cols = self.columns
+        cols["object_id"].append(np.asarray(data.object_id, dtype=np.int64))
+        cols["partition"].append(np.full(n, len(self.rows_per_part) - 1, dtype=np.int32))  # index into names
+        cols["row"].append(np.arange(n, dtype=np.int32))
+        cols["z_pred"].append(z)
+        cols["flag"].append(flag)
+        if data.redshift is None:
+            self.has_z = False
+        else:
+            cols["z_true"].append(np.asarray(data.redshift, dtype=np.float32))
+
+    @property
+    def rows(self) -> int:
+        return sum(self.rows_per_part.values())
+
+    def parquet(self) -> bytes:
+        """The rank's predictions file (object_id, partition, row, z_pred, [z_true], flag)."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        cols = self.columns
+        table = {"object_id": pa.array(np.concatenate(cols["object_id"]), pa.int64()),
+                 "partition": pa.DictionaryArray.from_arrays(pa.array(np.concatenate(cols["partition"]), pa.int32()),
+                                                             pa.array(list(self.rows_per_part), pa.string())),
+                 "row": pa.array(np.concatenate(cols["row"]), pa.int32()),
+                 "z_pred": pa.array(np.concatenate(cols["z_pred"]), pa.float32())}
+        if self.has_z:
+            table["z_true"] = pa.array(np.concatenate(cols["z_true"]), pa.float32())
+        table["flag"] = pa.array(np.concatenate(cols["flag"]), pa.bool_())
+        sink = pa.BufferOutputStream()
+        pq.write_table(pa.table(table), sink)
+        return sink.getvalue().to_pybytes()
+
+
+def _predict_partitions(cfg: dict[str, Any], prefetch: bool, parts: list[dict[str, Any]], rank: int,
+                        phases: dict[str, float]) -> tuple[_RankOutput, Any, bool, dict[str, Any] | None]:
+    """Fetch (the next partition while this one is predicted, unless ``prefetch`` is off), check the fast mode
+    once, predict; returns ``(output, predictor, cold, fast_check)`` and adds to ``phases``."""
     batch_size = int(cfg["batch_size"])
     allow_nonfinite = bool(cfg.get("drop_nonfinite"))
-    prefetch = bool(plan.options.get("prefetch", True))
-    phases = dict.fromkeys(("fetch", "decode", "model_load", "fast_check", "inference", "write", "wait"), 0.0)
-
+    out = _RankOutput()
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"cai-fetch-{rank}")
     try:
         pending: Future = pool.submit(_fetch, parts[0], allow_nonfinite)
         predictor, cold, load_s = _model_for(cfg, cfg["mode"])
         fast_check = None
         phases["model_load"] = load_s
-        columns: dict[str, list[np.ndarray]] = {"object_id": [], "partition": [], "row": [], "z_pred": [],
-                                                "z_true": [], "flag": []}
-        rows_per_part: dict[str, int] = {}
-        bad_predictions: dict[str, int] = {}
-        num_batches = 0
-        has_z = True
         for i, part in enumerate(parts):
             t0 = time.perf_counter()
             data, fetch_s, decode_s = pending.result()
@@ -303,50 +355,38 @@ def _run(plan: Plan, rank: int, parts: list[dict[str, Any]], started: str) -> di
             phases["inference"] += time.perf_counter() - t0
             if not prefetch and i + 1 < len(parts):
                 pending = pool.submit(_fetch, parts[i + 1], allow_nonfinite)
-            z = np.asarray(z, dtype=np.float32)
-            if z.shape != (n,):
-                raise DataError(f"{part['name']}: the model returned shape {z.shape} for {n} rows")
-            flag = data.nonfinite_rows() if allow_nonfinite else np.zeros(n, dtype=bool)
-            z = np.where(flag, np.float32(np.nan), z)
-            # Finite but extreme inputs (a pixel of 1e19, magnitudes of 3e38) can overflow the network: such rows
-            # are flagged and counted too, never passed off as predictions.
-            overflow = ~np.isfinite(z) & ~flag
-            if overflow.any():
-                bad_predictions[part["name"]] = int(overflow.sum())
-                flag = flag | overflow
-                z = np.where(overflow, np.float32(np.nan), z)
-            num_batches += math.ceil(n / batch_size)
-            rows_per_part[part["name"]] = n
-            columns["object_id"].append(np.asarray(data.object_id, dtype=np.int64))
-            columns["partition"].append(np.full(n, len(rows_per_part) - 1, dtype=np.int32))  # index into names
-            columns["row"].append(np.arange(n, dtype=np.int32))
-            columns["z_pred"].append(z)
-            columns["flag"].append(flag)
-            if data.redshift is None:
-                has_z = False
-            else:
-                columns["z_true"].append(np.asarray(data.redshift, dtype=np.float32))
+            out.add(part["name"], data, z, allow_nonfinite, batch_size)
             del data
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+    return out, predictor, cold, fast_check
 
+
+def _run(plan: Plan, rank: int, parts: list[dict[str, Any]], started: str) -> dict[str, Any]:
+    """Predict the rank's partitions, write its predictions, then its record (last: it marks the rank done)."""
+    cfg = plan.config
+    wall0 = time.perf_counter()
+    phases = dict.fromkeys(("fetch", "decode", "model_load", "fast_check", "inference", "write", "wait"), 0.0)
+    out, predictor, cold, fast_check = _predict_partitions(cfg, bool(plan.options.get("prefetch", True)), parts,
+                                                           rank, phases)
     t0 = time.perf_counter()
-    table = {"object_id": pa.array(np.concatenate(columns["object_id"]), pa.int64()),
-             "partition": pa.DictionaryArray.from_arrays(pa.array(np.concatenate(columns["partition"]), pa.int32()),
-                                                         pa.array(list(rows_per_part), pa.string())),
-             "row": pa.array(np.concatenate(columns["row"]), pa.int32()),
-             "z_pred": pa.array(np.concatenate(columns["z_pred"]), pa.float32())}
-    if has_z:
-        table["z_true"] = pa.array(np.concatenate(columns["z_true"]), pa.float32())
-    table["flag"] = pa.array(np.concatenate(columns["flag"]), pa.bool_())
-    sink = pa.BufferOutputStream()
-    pq.write_table(pa.table(table), sink)
-    pred_bytes = sink.getvalue().to_pybytes()
+    pred_bytes = out.parquet()
     storage.write_bytes(predictions_url(plan.result_url, rank), pred_bytes)
     phases["write"] = time.perf_counter() - t0
+    record = _rank_record(plan, rank, parts, out, phases, time.perf_counter() - wall0, predictor, cold, fast_check,
+                          len(pred_bytes), started)
+    storage.write_json(record_url(plan.result_url, rank), record)
+    storage.remove(error_url(plan.result_url, rank))
+    return record
 
-    rows = sum(rows_per_part.values())
-    wall = time.perf_counter() - wall0
+
+def _rank_record(plan: Plan, rank: int, parts: list[dict[str, Any]], out: _RankOutput, phases: dict[str, float],
+                 wall: float, predictor: Any, cold: bool, fast_check: dict[str, Any] | None, pred_bytes: int,
+                 started: str) -> dict[str, Any]:
+    """The rank record: the original's keys first (``records.ORIGINAL_KEYS``), then ours."""
+    cfg = plan.config
+    batch_size = int(cfg["batch_size"])
+    rows, num_batches = out.rows, out.num_batches
     prefix = storage.basename(plan.data_url)
     record: dict[str, Any] = {
         "total_cpu_time (seconds)": wall,
@@ -362,9 +402,9 @@ def _run(plan: Plan, rank: int, parts: list[dict[str, Any]], started: str) -> di
         "rank": rank,
         "rows": rows,
         "partitions": [p["name"] for p in parts],
-        "partition_rows": rows_per_part,
-        "nonfinite_rows": int(sum(int(f.sum()) for f in columns["flag"])),
-        "nonfinite_predictions": bad_predictions,
+        "partition_rows": out.rows_per_part,
+        "nonfinite_rows": int(sum(int(f.sum()) for f in out.columns["flag"])),
+        "nonfinite_predictions": out.bad_predictions,
         "phases": phases,
         "peak_rss_mb": _peak_rss_mb(),
         "cold_start": cold,
@@ -375,12 +415,10 @@ def _run(plan: Plan, rank: int, parts: list[dict[str, Any]], started: str) -> di
         "mode_used": fast_check["mode_used"] if fast_check else cfg["mode"],
         "fast_check": fast_check,
         "plan_hash": plan.plan_hash,
-        "predictions_bytes": len(pred_bytes),
+        "predictions_bytes": pred_bytes,
         "started_at": started,
         "finished_at": _now(),
         "error": None,
     }
     assert list(record)[:len(ORIGINAL_KEYS)] == list(ORIGINAL_KEYS)
-    storage.write_json(record_url(plan.result_url, rank), record)
-    storage.remove(error_url(plan.result_url, rank))
     return record

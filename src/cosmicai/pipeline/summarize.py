@@ -87,9 +87,32 @@ def summarize(result_url: str, allow_failures: bool = False) -> dict[str, Any]:
 
     Raises IncompleteRunError naming missing or failed ranks (and any row-count mismatch) unless
     ``allow_failures``; the files are written either way. Memory is bounded (see the module docstring).
+    Three steps: :func:`_check` the records against the plan, :func:`_collect` the ranks' predictions in one
+    streamed pass, :func:`_write` the combined files and the summary.
     """
     plan = load_plan(result_url)
     reader = _ObjectReader(result_url)
+    records, errors, failed, missing = _check(result_url, plan, reader)
+    gathered = _collect(plan, records, reader)
+    try:
+        for rank in gathered.unreadable:
+            del records[rank]
+        missing = sorted(missing + gathered.unreadable)
+        summary = _summary(result_url, plan, records, errors, failed, missing, gathered)
+        _write(result_url, records, gathered)
+    except BaseException:
+        gathered.abort()
+        raise
+    summary = _clean(summary)
+    storage.write_json(storage.join(result_url, SUMMARY_NAME), summary)
+    if not summary["completeness"]["complete"] and not allow_failures:
+        raise IncompleteRunError(incomplete_message(summary))
+    return summary
+
+
+def _check(result_url: str, plan: Plan, reader: _ObjectReader) -> tuple[dict[int, dict], dict[int, dict], list[int], list[int]]:
+    """The rank records and error reports: ``(records, errors, failed ranks, missing ranks)``; a record of a
+    rank the plan does not have is a DataError."""
     records = _read_records(plan, RANKS_DIR, reader)
     errors = {r: e for r, e in _read_records(plan, ERRORS_DIR, reader).items() if r not in records}
     planned = plan.ranks
@@ -98,67 +121,65 @@ def summarize(result_url: str, allow_failures: bool = False) -> dict[str, Any]:
         raise DataError(f"{result_url}: records for ranks {stray} that are not in the plan")
     failed = sorted(r for r in errors if r in planned)
     missing = sorted(r for r in planned if r not in records and r not in errors)
+    return records, errors, failed, missing
 
+
+def _collect(plan: Plan, records: dict[int, dict[str, Any]], reader: _ObjectReader) -> _Gathered:
+    """One pass over the ranks' predictions (redone once with the wider schema if a later rank has a column the
+    first lacked); the caller commits or aborts its streamed output."""
     columns: dict[str, Any] | None = None
     while True:
         gathered = _Gathered(plan, records, columns, reader)
         try:
             gathered.run()
-            break
+            return gathered
         except _NewColumn as grow:  # a later rank has a column the first did not: redo with it (rare)
             gathered.abort()
             columns = grow.columns
         except BaseException:
             gathered.abort()
             raise
-    try:
-        for rank in gathered.unreadable:
-            del records[rank]
-        missing = sorted(missing + gathered.unreadable)
-        problems, part_done = gathered.problems, gathered.part_done
-        twice = sorted(name for name, count in part_done.items() if count > 1)
-        if twice:
-            problems.append(f"partition(s) {twice[:10]} were predicted more than once")
 
-        rows_out = gathered.rows_out
-        planned_rows = plan.total_rows
-        summary: dict[str, Any] = {
-            "result_url": result_url, "data_url": plan.data_url, "plan_hash": plan.plan_hash,
-            "model": plan.config.get("model"), "mode": plan.config.get("mode"), "device": plan.config.get("device"),
-            "batch_size": plan.config.get("batch_size"), "world_size": plan.world_size,
-            "completeness": {
-                "complete": not (missing or failed or problems) and len(part_done) == len(plan.partitions),
-                "ranks_planned": len(planned), "ranks_done": len(records), "missing_ranks": missing,
-                "failed_ranks": failed, "partitions_planned": len(plan.partitions), "partitions_done": len(part_done),
-                "rows_planned": planned_rows, "rows_in": gathered.rows_in, "rows_out": rows_out,
-                "problems": problems},
-            "failures": [{k: errors[r].get(k) for k in ("rank", "partitions", "error_type", "message")}
-                         for r in failed],
-        }
-        summary.update(_timing(plan, records, rows_out))
-        summary.update(_modes_used(plan, records))
-        summary["nonfinite_predictions"] = gathered.nonfinite_summary()
-        summary["duplicate_ids"] = gathered.ids.result()  # before the metrics: their dz array is freed after
-        summary["metrics"] = gathered.metrics.result() if gathered.metrics is not None else None
 
-        ordered = [_original_first(records[r]) for r in sorted(records)]
-        storage.write_json(storage.join(result_url, COMBINED_NAME), _clean(ordered))
-        if gathered.out is not None:
-            gathered.out.commit()
-        else:
-            storage.remove(storage.join(result_url, PREDICTIONS_NAME))
-    except BaseException:
-        gathered.abort()
-        raise
-    summary = _clean(summary)
-    storage.write_json(storage.join(result_url, SUMMARY_NAME), summary)
-
-    if not summary["completeness"]["complete"] and not allow_failures:
-        raise IncompleteRunError(incomplete_message(summary))
+def _summary(result_url: str, plan: Plan, records: dict[int, dict[str, Any]], errors: dict[int, dict[str, Any]], failed: list[int],
+             missing: list[int], gathered: _Gathered) -> dict[str, Any]:
+    """summary.json's contents (before cleaning non-JSON floats)."""
+    problems, part_done = gathered.problems, gathered.part_done
+    twice = sorted(name for name, count in part_done.items() if count > 1)
+    if twice:
+        problems.append(f"partition(s) {twice[:10]} were predicted more than once")
+    rows_out = gathered.rows_out
+    summary: dict[str, Any] = {
+        "result_url": result_url, "data_url": plan.data_url, "plan_hash": plan.plan_hash,
+        "model": plan.config.get("model"), "mode": plan.config.get("mode"), "device": plan.config.get("device"),
+        "batch_size": plan.config.get("batch_size"), "world_size": plan.world_size,
+        "completeness": {
+            "complete": not (missing or failed or problems) and len(part_done) == len(plan.partitions),
+            "ranks_planned": len(plan.ranks), "ranks_done": len(records), "missing_ranks": missing,
+            "failed_ranks": failed, "partitions_planned": len(plan.partitions), "partitions_done": len(part_done),
+            "rows_planned": plan.total_rows, "rows_in": gathered.rows_in, "rows_out": rows_out,
+            "problems": problems},
+        "failures": [{k: errors[r].get(k) for k in ("rank", "partitions", "error_type", "message")}
+                     for r in failed],
+    }
+    summary.update(_timing(plan, records, rows_out))
+    summary.update(_modes_used(plan, records))
+    summary["nonfinite_predictions"] = gathered.nonfinite_summary()
+    summary["duplicate_ids"] = gathered.ids.result()  # before the metrics: their dz array is freed after
+    summary["metrics"] = gathered.metrics.result() if gathered.metrics is not None else None
     return summary
 
 
-#: Columns of predictions.parquet, in this order (those the ranks wrote).
+def _write(result_url: str, records: dict[int, dict[str, Any]], gathered: _Gathered) -> None:
+    """combined_data.json (the records, the original's keys first) and predictions.parquet (committed)."""
+    ordered = [_original_first(records[r]) for r in sorted(records)]
+    storage.write_json(storage.join(result_url, COMBINED_NAME), _clean(ordered))
+    if gathered.out is not None:
+        gathered.out.commit()
+    else:
+        storage.remove(storage.join(result_url, PREDICTIONS_NAME))
+
+
 class IdCounter:
     """Object ids repeated across the run's predictions, counted exactly in 8 bytes a row (one int64 array,
     sorted in place at the end): ``{"ids": distinct ids seen more than once, "rows": rows beyond the first of
@@ -191,6 +212,7 @@ class IdCounter:
         return out
 
 
+#: Columns of predictions.parquet, in this order (those the ranks wrote).
 OUTPUT_COLUMNS = ("object_id", "partition", "row", "z_pred", "z_true", "flag")
 #: Rows per row group of predictions.parquet: pyarrow's default, so the layout is the one ``write_table`` made.
 ROW_GROUP_ROWS = 1024 * 1024
