@@ -17,7 +17,7 @@ import pytest
 from cosmicai.config import load_config
 from cosmicai.data.formats import INPUT_BITS_PER_SAMPLE, decode_partition, read_manifest
 from cosmicai.pipeline.metrics import redshift_metrics
-from cosmicai.pipeline.records import ORIGINAL_KEYS
+from cosmicai.results import ORIGINAL_KEYS
 from cosmicai.pipeline.run import format_report, run
 from cosmicai.pipeline.summarize import IncompleteRunError, summarize
 

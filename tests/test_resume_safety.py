@@ -21,7 +21,8 @@ from cosmicai import storage
 from cosmicai.config import load_config
 from cosmicai.errors import ConfigError, ModelError
 from cosmicai.pipeline.infer import clear_model_cache, run_task
-from cosmicai.pipeline.lease import LEASE_NAME, LeaseHeldError
+from cosmicai.pipeline.lease import LeaseHeldError
+from cosmicai.results import LEASE_NAME
 from cosmicai.pipeline.plan import make_plan
 from cosmicai.pipeline.run import run
 

@@ -45,7 +45,7 @@ class RunResult:
         import pyarrow.parquet as pq
 
         from . import storage
-        from .pipeline.records import PREDICTIONS_NAME
+        from .results import PREDICTIONS_NAME
 
         data = storage.read_bytes(storage.join(self.result_url, PREDICTIONS_NAME))
         return pq.read_table(io.BytesIO(data), columns=columns)

@@ -26,7 +26,7 @@ from .. import storage
 from ..data.formats import INPUT_BITS_PER_SAMPLE, Partition, sha256_hex
 from ..errors import CaiError, ConfigError, DataError
 from .plan import Plan, current_plan_hash, load_plan
-from .records import ORIGINAL_KEYS, error_url, predictions_url, record_url
+from ..results import ORIGINAL_KEYS, PHASES, error_url, predictions_url, record_url
 
 _MODELS: dict[tuple, Any] = {}
 _WORKER_THREADS: int | None = None
@@ -183,7 +183,7 @@ def _predictions_intact(record: dict[str, Any], size: int | None) -> bool:
 
 def done_ranks(plan: Plan) -> set[int]:
     """Ranks whose record (for this plan hash) and predictions exist: one listing per folder, not per rank."""
-    from .records import PREDICTIONS_DIR, RANKS_DIR, rank_of
+    from ..results import PREDICTIONS_DIR, RANKS_DIR, rank_of
 
     pred_size = {rank_of(u): n for u, n in
                  storage.list_files_with_sizes(storage.join(plan.result_url, PREDICTIONS_DIR), ".parquet")}
@@ -366,7 +366,7 @@ def _run(plan: Plan, rank: int, parts: list[dict[str, Any]], started: str) -> di
     """Predict the rank's partitions, write its predictions, then its record (last: it marks the rank done)."""
     cfg = plan.config
     wall0 = time.perf_counter()
-    phases = dict.fromkeys(("fetch", "decode", "model_load", "fast_check", "inference", "write", "wait"), 0.0)
+    phases = dict.fromkeys(PHASES, 0.0)
     out, predictor, cold, fast_check = _predict_partitions(cfg, bool(plan.options.get("prefetch", True)), parts,
                                                            rank, phases)
     t0 = time.perf_counter()

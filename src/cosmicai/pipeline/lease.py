@@ -24,8 +24,8 @@ from typing import Any
 
 from .. import storage
 from ..errors import ConfigError, StorageError
+from ..results import LEASE_NAME
 
-LEASE_NAME = "lease.json"
 HEARTBEAT_S = 15.0
 STALE_S = 120.0
 

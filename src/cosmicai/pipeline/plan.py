@@ -16,16 +16,12 @@ from typing import Any
 from .. import storage
 from ..config import RunConfig
 from ..errors import CaiError, ConfigError, DataError
+from ..results import PLAN_HASH_NAME, PLAN_NAME, RESULT_DIRS, RESULT_FILES, TASKS_NAME
 
-PLAN_NAME = "plan.json"
-TASKS_NAME = "tasks.json"
 #: The plan hash alone: what a worker reads to know its task still belongs to the plan under the result path.
-PLAN_HASH_NAME = "plan_hash.json"
 PLAN_FORMAT = "cosmicai-plan"
 PLAN_VERSION = 2  # 2: each partition stored once; tasks are index lists into "partitions"
 #: Everything a run writes under its result URL (removed by ``overwrite``).
-RESULT_FILES = ("plan.json", "plan_hash.json", "tasks.json", "run.json", "combined_data.json", "predictions.parquet", "summary.json")
-RESULT_DIRS = ("ranks", "predictions", "errors")
 
 
 def assign_ranks(n_files: int, world_size: int) -> list[list[int]]:
@@ -266,7 +262,7 @@ def _config_diff(old: dict[str, Any], new: dict[str, Any]) -> str:
 
 def _own_files(result_url: str, plan: Plan | None) -> set[str]:
     """The files a run with ``plan`` writes under ``result_url``."""
-    from .records import error_url, predictions_url, record_url
+    from ..results import error_url, predictions_url, record_url
 
     own = {storage.join(result_url, name) for name in RESULT_FILES}
     if plan is not None:

@@ -12,8 +12,8 @@ from ..config import RunConfig
 from ..errors import CaiError
 from .infer import done_ranks, record_failure, run_task
 from .lease import Lease, describe
-from .plan import PLAN_NAME, make_plan, plan_contents
-from .records import RUN_NAME, SUMMARY_NAME
+from ..results import PLAN_NAME, RUN_NAME, SUMMARY_NAME
+from .plan import make_plan, plan_contents
 from .summarize import IncompleteRunError, incomplete_message, summarize
 
 

@@ -29,10 +29,10 @@ from ..data.formats import INPUT_BITS_PER_SAMPLE
 from ..errors import CaiError, DataError, StorageError
 from .metrics import MetricsAccumulator, append_grown
 from .plan import Plan, load_plan
-from .records import (COMBINED_NAME, ERRORS_DIR, ORIGINAL_KEYS, PREDICTIONS_NAME, RANKS_DIR, RUN_NAME, SUMMARY_NAME,
+from ..results import PHASES, PREDICTION_COLUMNS
+from ..results import (COMBINED_NAME, ERRORS_DIR, ORIGINAL_KEYS, PREDICTIONS_NAME, RANKS_DIR, RUN_NAME, SUMMARY_NAME,
                       predictions_url, rank_of)
 
-PHASES = ("fetch", "decode", "model_load", "fast_check", "inference", "write", "wait")
 
 
 class IncompleteRunError(CaiError):
@@ -212,8 +212,6 @@ class IdCounter:
         return out
 
 
-#: Columns of predictions.parquet, in this order (those the ranks wrote).
-OUTPUT_COLUMNS = ("object_id", "partition", "row", "z_pred", "z_true", "flag")
 #: Rows per row group of predictions.parquet: pyarrow's default, so the layout is the one ``write_table`` made.
 ROW_GROUP_ROWS = 1024 * 1024
 #: Rank outputs read ahead of the one being appended (bounds memory and outstanding requests on S3) ...
@@ -305,13 +303,13 @@ class _Gathered:
         columns a rank lacks are null (as ``concat_tables(promote_options="default")`` made them)."""
         import pyarrow as pa
 
-        present = {name: table.schema.field(name).type for name in OUTPUT_COLUMNS if name in table.column_names}
+        present = {name: table.schema.field(name).type for name in PREDICTION_COLUMNS if name in table.column_names}
         if "partition" in present:
             present["partition"] = _dictionary_type()
         if self.columns is None:
             self.columns = present
         elif set(present) - set(self.columns):
-            raise _NewColumn({name: self.columns.get(name, present.get(name)) for name in OUTPUT_COLUMNS
+            raise _NewColumn({name: self.columns.get(name, present.get(name)) for name in PREDICTION_COLUMNS
                               if name in self.columns or name in present})
         arrays = []
         for name, typ in self.columns.items():

@@ -94,7 +94,8 @@ def _run_config(event: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], 
 def initialize(event: dict[str, Any], context: Any = None) -> dict[str, Any]:
     """Plan the run and return the small state the Map needs (its items are read from tasks.json in S3)."""
     from ...config import load_config
-    from ...pipeline.plan import TASKS_NAME, make_plan
+    from ...pipeline.plan import make_plan
+    from ...results import TASKS_NAME
 
     raw, options, execution = _run_config(event)
     overrides: dict[str, Any] = {}
@@ -187,7 +188,7 @@ def record_failure(event: dict[str, Any]) -> dict[str, Any]:
 
 def summarize(event: dict[str, Any], context: Any = None) -> dict[str, Any]:
     """Gather the run; raises IncompleteRunError naming failed ranks unless ``allow_failures`` is true."""
-    from ...pipeline.records import SUMMARY_NAME
+    from ...results import SUMMARY_NAME
     from ...pipeline.summarize import summarize as summarize_run
     from ... import storage
 

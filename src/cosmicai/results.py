@@ -1,0 +1,163 @@
+"""The results contract: what a run leaves under its result URL, what each file holds, and the experiment
+(bench) tree that holds many runs. Every stage, backend and analysis reads these names from here.
+
+A run's result folder::
+
+    plan.json  plan_hash.json  tasks.json   written by plan (tasks.json: the backend's task items)
+    lease.json                              held while a run is going (pipeline/lease.py)
+    ranks/<rank>.json                       one RankRecord per rank, written last (it marks the rank done)
+    predictions/<rank>.parquet              the rank's predictions (PREDICTION_COLUMNS)
+    errors/<rank>.json                      why a rank failed (ErrorReport)
+    run.json                                the driver's stage timings
+    combined_data.json                      every RankRecord, the original CAI's keys first
+    predictions.parquet                     every prediction, in rank order
+    summary.json                            the Summary
+
+An experiment tree (``cai bench``, and the original's ``aws/stats.py`` layout)::
+
+    <root>/result-partition-<P>MB/<size>/<run>/                      data-size sweep
+    <root>/result-partition-<P>MB/<size>/batches/<batch>/<run>/      batch sweep
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, TypedDict
+
+from . import storage
+
+PLAN_NAME = "plan.json"
+PLAN_HASH_NAME = "plan_hash.json"
+TASKS_NAME = "tasks.json"
+LEASE_NAME = "lease.json"
+RUN_NAME = "run.json"
+COMBINED_NAME = "combined_data.json"
+PREDICTIONS_NAME = "predictions.parquet"
+SUMMARY_NAME = "summary.json"
+RANKS_DIR = "ranks"
+PREDICTIONS_DIR = "predictions"
+ERRORS_DIR = "errors"
+
+#: Files a run writes at its top level, and its per-rank folders (``--overwrite`` clears exactly these).
+RESULT_FILES = (PLAN_NAME, PLAN_HASH_NAME, TASKS_NAME, RUN_NAME, COMBINED_NAME, PREDICTIONS_NAME, SUMMARY_NAME)
+RESULT_DIRS = (RANKS_DIR, PREDICTIONS_DIR, ERRORS_DIR)
+
+#: Columns of the predictions files, in this order (z_true only when the data has redshifts).
+PREDICTION_COLUMNS = ("object_id", "partition", "row", "z_pred", "z_true", "flag")
+
+#: The phases of a rank's time (``RankRecord.phases``, summed and averaged in the Summary).
+PHASES = ("fetch", "decode", "model_load", "fast_check", "inference", "write", "wait")
+
+#: The original CAI per-rank record keys, first in every record (their meanings are in docs/pipeline.md).
+ORIGINAL_KEYS = ("total_cpu_time (seconds)", "total_cpu_memory (MB)", "execution_time (seconds/batch)",
+                 "num_batches", "batch_size", "device", "throughput_bps", "sample_persec", "result_path",
+                 "data_path")
+
+#: Experiment-tree folder names (see the module docstring), matched with ``.match``: the original's trees also
+#: name sizes ``total12.6GB`` / ``total`` and runs ``run_1``.
+SIZE_UNIT = r"(\d+(?:\.\d+)?)(KB|MB|GB|TB)"
+PARTITION_DIR = re.compile(rf"result-partition-{SIZE_UNIT}$")
+SIZE_DIR = re.compile(rf"(?:total)?{SIZE_UNIT}$|total$")
+RUN_DIR = re.compile(r"(?:run[ _-]?)?(\d+)$")
+BATCHES_DIR = "batches"
+
+
+_OriginalRecord = TypedDict("_OriginalRecord", {
+    "total_cpu_time (seconds)": float, "total_cpu_memory (MB)": float, "execution_time (seconds/batch)": float,
+    "num_batches": int, "batch_size": int, "device": str, "throughput_bps": float, "sample_persec": float,
+    "result_path": str, "data_path": str})
+
+
+class RankRecord(_OriginalRecord):
+    """``ranks/<rank>.json``: the original's keys, then ours."""
+
+    rank: int
+    rows: int
+    partitions: list[str]
+    partition_rows: dict[str, int]
+    nonfinite_rows: int
+    nonfinite_predictions: dict[str, int]
+    phases: dict[str, float]
+    peak_rss_mb: float
+    cold_start: bool
+    cpu: dict[str, Any]
+    model: str
+    mode: str
+    mode_used: str
+    fast_check: dict[str, Any] | None
+    plan_hash: str
+    predictions_bytes: int
+    started_at: str
+    finished_at: str
+    error: None
+
+
+class ErrorReport(TypedDict, total=False):
+    """``errors/<rank>.json``."""
+
+    rank: int
+    partitions: list[str]
+    error_type: str
+    message: str
+    traceback: str | None
+    plan_hash: str
+    recorded_by: str
+    host: str
+    pid: int
+    started_at: str
+    failed_at: str
+
+
+class Completeness(TypedDict):
+    """``Summary.completeness``: every planned rank, partition and row accounted for."""
+
+    complete: bool
+    ranks_planned: int
+    ranks_done: int
+    missing_ranks: list[int]
+    failed_ranks: list[int]
+    partitions_planned: int
+    partitions_done: int
+    rows_planned: int
+    rows_in: int
+    rows_out: int
+    problems: list[str]
+
+
+class Summary(TypedDict, total=False):
+    """``summary.json`` (the keys every summary has; timing and mode keys are described in docs/pipeline.md)."""
+
+    result_url: str
+    data_url: str
+    plan_hash: str
+    model: str
+    mode: str
+    device: str
+    batch_size: int
+    world_size: int
+    completeness: Completeness
+    failures: list[dict[str, Any]]
+    nonfinite_predictions: dict[str, Any]
+    duplicate_ids: dict[str, Any]
+    metrics: dict[str, Any] | None
+
+
+def record_url(result_url: str, rank: int) -> str:
+    """``ranks/<rank>.json``: the rank's execution record (written last)."""
+    return storage.join(result_url, RANKS_DIR, f"{int(rank)}.json")
+
+
+def predictions_url(result_url: str, rank: int) -> str:
+    """``predictions/<rank>.parquet``: the rank's predictions."""
+    return storage.join(result_url, PREDICTIONS_DIR, f"{int(rank)}.parquet")
+
+
+def error_url(result_url: str, rank: int) -> str:
+    """``errors/<rank>.json``: why the rank failed."""
+    return storage.join(result_url, ERRORS_DIR, f"{int(rank)}.json")
+
+
+def rank_of(url: str) -> int | None:
+    """The rank number in ``.../<rank>.json`` or ``.../<rank>.parquet``, or None for other names."""
+    stem = storage.basename(url).split(".", 1)[0]
+    return int(stem) if stem.isdigit() else None
