@@ -8,7 +8,8 @@ import os
 import pytest
 
 from cosmicai.backends.aws import handlers
-from cosmicai.backends.aws.logs import cost_table, invocation_cost, parse_report_line, parse_reports
+from cosmicai.analysis.cost import cost_table, invocation_cost
+from cosmicai.backends.aws.logs import parse_report_line, parse_reports
 from cosmicai.config import load_config
 from cosmicai.errors import ConfigError
 from cosmicai.pipeline.plan import make_plan

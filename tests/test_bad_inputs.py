@@ -27,9 +27,9 @@ from cosmicai.cli import main
 from cosmicai.config import load_config
 from cosmicai.data.formats import FORMAT_NAME, FORMAT_VERSION, Partition, encode_partition
 from cosmicai.data.partition import decode, read_partition
-from cosmicai.data.split import parse_size
 from cosmicai.errors import ConfigError, DataError, ModelError, StorageError, UnsafePickleError
 from cosmicai.pipeline.plan import make_plan
+from cosmicai.sizes import parse_size
 
 
 @dataclass
@@ -272,9 +272,9 @@ API_CASES: list[Bad] = [
     Bad("config-bucket-map-not-mapping", "load_config",
         lambda c: lambda: load_config({"data": "d", "result": "r"}, bucket_map=["a"]),
         ConfigError, ("bucket_map: expected a mapping",)),
-    Bad("size-overflow", "parse_size", lambda c: lambda: parse_size("1e400MB"),
+    Bad("size-overflow", "parse_size", lambda c: lambda: parse_size("1e400MB", "b", "--partition-size"),
         ConfigError, ("--partition-size", "'1e400MB' is too large")),
-    Bad("size-below-one-byte", "parse_size", lambda c: lambda: parse_size("0.0000001"),
+    Bad("size-below-one-byte", "parse_size", lambda c: lambda: parse_size("0.0000001", "b", "--partition-size"),
         ConfigError, ("--partition-size", "must be at least one byte")),
     Bad("manifest-version", "make_plan", lambda c: _mutated_manifest(c, lambda m: m.update(format_version="9")),
         DataError, ("manifest.json", "unsupported manifest format_version '9'")),

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from cosmicai import sizes
 from cosmicai.analysis import cost
 from cosmicai.cli import main
 from cosmicai.analysis.calibrate import reference_dir
@@ -58,7 +59,7 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ConfigError, match="unknown price 'gbs'"):
         cost.lambda_cost(1, 1.0, 128, prices={"gbs": 1})
     with pytest.raises(ConfigError, match="unknown unit"):
-        cost.parse_size("3 parsecs")
+        sizes.parse_size("3 parsecs", "mb")
 
 
 def test_request_counts_match_the_original_runs():

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from cosmicai.data.convert import convert, open_source
+from cosmicai.data.convert import open_source
 from cosmicai.data.formats import Partition, read_manifest
 from cosmicai.data.partition import list_partitions, read_partition
+from cosmicai.data.split import convert
 from cosmicai.errors import DataError
 
 

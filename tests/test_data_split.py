@@ -11,7 +11,8 @@ from cosmicai import storage
 from cosmicai.data.formats import Partition, read_manifest
 from cosmicai.data.legacy import write_legacy_pt
 from cosmicai.data.partition import list_partitions, read_partition
-from cosmicai.data.split import SIZE_SAMPLE_BYTES, parse_size, rows_per_partition, split
+from cosmicai.data.split import SIZE_SAMPLE_BYTES, rows_per_partition, split
+from cosmicai.sizes import parse_size
 from cosmicai.errors import ConfigError, DataError
 
 
@@ -77,7 +78,7 @@ def _legacy_dir(tmp_path, random_partition, sizes=(3, 4, 2)):
 
 
 def test_convert_legacy_dataset_assigns_global_row_ids(tmp_path, random_partition):
-    from cosmicai.data.convert import convert
+    from cosmicai.data.split import convert
 
     src, parts = _legacy_dir(tmp_path, random_partition)
     out = str(tmp_path / "native")

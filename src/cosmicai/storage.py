@@ -26,6 +26,7 @@ from fsspec.core import url_to_fs
 
 from .errors import StorageError
 
+#: Where the S3 endpoint comes from, first set wins (the one list: the Dask backend forwards these to its workers).
 ENDPOINT_VARS = ("CAI_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 
 

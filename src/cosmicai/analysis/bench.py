@@ -14,13 +14,14 @@ from __future__ import annotations
 import csv
 import io
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 from .. import storage
 from ..errors import ConfigError
-from .cost import parse_size
+from ..sizes import UNITS, parse_size
 from .stats import LOG_COLUMNS
 
 BACKENDS = ("local", "dask", "aws")
@@ -28,7 +29,7 @@ BACKENDS = ("local", "dask", "aws")
 
 def size_label(text: str) -> str:
     """A folder label for a size: ``1GB``, ``25MB``, ``0.5MB`` (the user's number, upper-case unit)."""
-    parse_size(text)
+    parse_size(text, "mb")
     t = str(text).strip().replace(" ", "")
     num = t.rstrip("bBkKmMgGtTiI")
     unit = t[len(num):].upper().replace("IB", "B") or "MB"
@@ -69,18 +70,46 @@ class BenchSpec:
         if any(b < 1 for b in self.batch_sizes):
             raise ConfigError(f"--batch-sizes must be positive, got {list(self.batch_sizes)}")
         for s in [*self.sizes, *self.partitions, *([self.batch_data] if self.batch_data else [])]:
-            parse_size(s)
+            parse_size(s, "mb")
         if self.batch_data and size_label(self.batch_data) not in {size_label(s) for s in self.sizes}:
             raise ConfigError(f"--batch-data {self.batch_data} is not one of --sizes {list(self.sizes)}")
 
 
+_LABEL = re.compile(r"([0-9.eE+-]+)([A-Za-z]*)")
+
+
+def label_size(label: str, unit: str) -> float:
+    """The size a folder label (:func:`size_label`) names, in ``unit`` (``"MB"``, ``"GB"``).
+
+    The label's number times a ratio of binary units, a power of two, so the conversion is exact: ``0.1GB`` is
+    0.1 GB, ``0.5MB`` 0.00048828125 GB, ``25MB`` 25 MB. Not the label's byte count (``parse_size``) divided
+    back: that is rounded to whole bytes, and 0.1 GB would come out as 0.09999999962747097.
+    """
+    match = _LABEL.fullmatch(label)
+    if not match:
+        raise ConfigError(f"cannot read the size label {label!r}")
+    number, label_unit = match.groups()
+    return float(number) * (UNITS[(label_unit or "MB").lower()] / UNITS[unit.lower()])
+
+
+def size_text(label: str, unit: str) -> str:
+    """A label's size in ``unit`` written as the CSV tables write it: the folder's number (``0.1``, ``12.6``),
+    a float's shortest repr, with ``.0`` for whole numbers (``1.0``) like the original's pandas-written tables;
+    ``partition (MB)`` is written without it (``25``), as there."""
+    value = label_size(label, unit)
+    if unit.upper() == "MB" and value.is_integer():
+        return str(int(value))
+    return repr(value)
+
+
 def _log_row(partition: str, size: str, batch: int, varying: bool, run: int, summary: dict[str, Any]) -> list[str]:
+    """One ``state_machine_logs.csv`` row. Sizes are written as the run's folders name them (``partition`` and
+    ``size`` are folder labels), so the row joins ``result_stats.csv`` on ``partition (MB)`` and ``data (GB)``."""
     from .stats import stage_durations
 
     total, map_s = stage_durations(summary)
-    p_mb = parse_size(partition) / 1024**2
-    gb = parse_size(size) / 1024**3
-    return [f"{p_mb:g}", repr(gb), str(batch), str(varying), str(run), str(summary.get("world_size")),
+    return [size_text(partition, "MB"), size_text(size, "GB"), str(batch), str(varying), str(run),
+            str(summary.get("world_size")),
             "" if total is None else repr(round(total, 2)), "" if map_s is None else repr(round(map_s, 2))]
 
 
@@ -147,7 +176,7 @@ def bench(spec: BenchSpec, log: Callable[[str], None] = print) -> dict[str, Any]
     sizes = [size_label(s) for s in spec.sizes]
     parts = [size_label(p) for p in spec.partitions]
     sweep_batch = spec.sweep_batch or max(spec.batch_sizes)
-    batch_data = size_label(spec.batch_data) if spec.batch_data else min(sizes, key=parse_size)
+    batch_data = size_label(spec.batch_data) if spec.batch_data else min(sizes, key=lambda s: parse_size(s, "mb"))
     log_url = storage.join(spec.out, "state_machine_logs.csv")
     storage.remove(log_url)
     runner, close = _runner(spec)

@@ -14,6 +14,8 @@ import math
 from typing import Any, Iterable, Sequence
 
 from .. import sizes
+from ..backends.aws.limits import FREE_EPHEMERAL_MB
+from ..backends.aws.logs import Report, parse_reports
 from ..errors import ConfigError, DataError
 
 #: Per-architecture list prices (USD): per GB-second of compute, per request, per GB-second of
@@ -22,10 +24,6 @@ PRICES: dict[str, dict[str, float]] = {
     "x86_64": {"gb_second": 0.0000166667, "request": 0.20 / 1_000_000, "storage_gb_second": 0.0000000309},
     "arm64": {"gb_second": 0.0000133334, "request": 0.20 / 1_000_000, "storage_gb_second": 0.0000000309},
 }
-FREE_EPHEMERAL_MB = 512
-#: Lambda's configurable memory range (MB) - the original CAI state machine ran at the maximum, 10,240 MB.
-MIN_MEMORY_MB, MAX_MEMORY_MB = 128, 10_240
-
 
 
 def price_table(arch: str = "x86_64", prices: dict[str, float] | None = None) -> dict[str, float]:
@@ -88,17 +86,12 @@ def lambda_cost(requests: int, billed_seconds_each: float | Sequence[float], mem
             "ephemeral_mb": float(ephemeral_mb), "arch": arch, "prices": table}
 
 
-def parse_size(text: str | float | int, default_unit: str = "mb") -> int:
-    """Bytes in a size such as ``12.6GB``, ``25MB`` or ``2800`` (``default_unit``); binary units (1 GB = 1024 MB)."""
-    return sizes.parse_size(text, default_unit)
-
-
 def what_if(data_size: str | int, partition_size: str | int, memory_mb: float, seconds_per_partition: float,
             arch: str = "x86_64", ephemeral_mb: float = FREE_EPHEMERAL_MB,
             prices: dict[str, float] | None = None) -> dict[str, Any]:
     """Cost of a hypothetical run: ceil(data / partition) requests of ``seconds_per_partition`` each."""
-    data_bytes = parse_size(data_size, "gb")
-    part_bytes = parse_size(partition_size, "mb")
+    data_bytes = sizes.parse_size(data_size, "gb", what="data size")
+    part_bytes = sizes.parse_size(partition_size, "mb", what="partition size")
     requests = math.ceil(data_bytes / part_bytes - 1e-9)
     out = lambda_cost(requests, billed_seconds(seconds_per_partition), memory_mb, arch, ephemeral_mb, prices)
     out.update(data_bytes=data_bytes, partition_bytes=part_bytes, seconds_per_request=seconds_per_partition)
@@ -137,8 +130,6 @@ def cost_from_records(records: Iterable[dict[str, Any]], memory_mb: float, arch:
 
 def parse_report_lines(text: str) -> list[tuple[float, float]]:
     """(billed seconds, memory MB) for every Lambda ``REPORT RequestId: ...`` line in a log text."""
-    from ..backends.aws.logs import parse_reports
-
     return [(r.billed_ms / 1000.0, float(r.memory_mb)) for r in parse_reports(text.splitlines())]
 
 
@@ -155,3 +146,25 @@ def cost_from_reports(text: str, arch: str = "x86_64", ephemeral_mb: float = FRE
     out.update(num_requests=len(reports), memory_mb=mems[0] if len(mems) == 1 else mems,
                ephemeral_mb=float(ephemeral_mb), arch=arch, prices=price_table(arch, prices))
     return out
+
+
+def invocation_cost(report: Report, arch: str = "x86_64", memory_mb: float | None = None) -> float:
+    """USD for one invocation: its billed duration at the configured (or given) memory, plus the request fee."""
+    return float(lambda_cost(1, report.billed_ms / 1000.0, memory_mb or report.memory_mb, arch)["total"])
+
+
+def cost_table(reports: list[Report], arch: str = "x86_64", memory_mb: float | None = None) -> dict[str, Any]:
+    """Per-invocation rows (with cost) and totals: invocations, cold starts, billed seconds, peak memory, USD."""
+    rows = [r.to_dict() | {"cost_usd": invocation_cost(r, arch, memory_mb)} for r in reports]
+    total = {
+        "invocations": len(rows),
+        "cold_starts": sum(1 for r in reports if r.cold),
+        "billed_seconds": sum(r.billed_ms for r in reports) / 1000.0,
+        "mean_duration_ms": (sum(r.duration_ms for r in reports) / len(reports)) if reports else None,
+        "max_memory_used_mb": max((r.max_memory_mb for r in reports), default=None),
+        "mean_init_ms": (sum(r.init_ms for r in reports if r.init_ms is not None) / max(1, sum(r.cold for r in reports))
+                         if any(r.cold for r in reports) else None),
+        "cost_usd": sum(row["cost_usd"] for row in rows),
+        "arch": arch,
+    }
+    return {"invocations": rows, "total": total}

@@ -22,12 +22,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..backends.aws.limits import LAMBDA_TIMEOUT_S, MAP_MAX_CHILDREN, MAX_MEMORY_MB, MIN_MEMORY_MB
 from ..errors import ConfigError
-from .simulate import (DEFAULT_PARAMS, LAMBDA_TIMEOUT_S, MAP_MAX_CHILDREN, MAX_MEMORY_MB, MIB, MIN_MEMORY_MB,
-                       Params, Workload, lambda_vcpus, simulate)
+from .simulate import DEFAULT_PARAMS, MIB, Params, Workload, lambda_vcpus, simulate
 
 DEFAULT_PARTITIONS_MB: tuple[float, ...] = (25, 50, 100, 200, 400)
-DEFAULT_MEMORY_MB: tuple[int, ...] = (2048, 3008, 4096, 6144, 8192, 10240)
+DEFAULT_MEMORY_MB: tuple[int, ...] = (2048, 3008, 4096, 6144, 8192, MAX_MEMORY_MB)
 DEFAULT_CONCURRENCY: tuple[int, ...] = (250, 500, 1000)
 #: Working-set estimate of one inference task: Python + torch + the model (MB) plus this many times the
 #: partition's size (the fetched bytes, the decoded arrays and the float32 model inputs).
@@ -36,7 +36,7 @@ PARTITION_MEMORY_FACTOR = 3.0
 #: Options within this fraction of the best on the goal count as tied; the other axis decides.
 TIE = 0.01
 #: The original CAI configuration, simulated beside the options at the same data size.
-ORIGINAL = {"partition_mb": 25.0, "memory_mb": 10_240, "max_concurrency": MAP_MAX_CHILDREN}
+ORIGINAL = {"partition_mb": 25.0, "memory_mb": MAX_MEMORY_MB, "max_concurrency": MAP_MAX_CHILDREN}
 #: Partition sizes (MB) of the original-vs-our-worker comparison (``cai plan --compare-original``).
 COMPARE_PARTITIONS_MB: tuple[float, ...] = (5, 10, 25)
 
@@ -440,8 +440,8 @@ def format_plan(result: PlanResult, top: int = 10) -> str:
         out.append(f"recommended: {r.partition_mb:g} MB partitions, {r.memory_mb} MB memory, MaxConcurrency "
                    f"{r.max_concurrency} -> {r.total_s:.1f} s, ${r.cost_usd:.3f}")
     o = result.original
-    out.append(f"original config (25 MB, 10240 MB, no MaxConcurrency) simulated with the numbers above: "
-               f"{o.total_s:.1f} s, ${o.cost_usd:.3f}, {o.ranks} ranks")
+    out.append(f"original config (25 MB, {ORIGINAL['memory_mb']} MB, no MaxConcurrency) simulated with the "
+               f"numbers above: {o.total_s:.1f} s, ${o.cost_usd:.3f}, {o.ranks} ranks")
     return "\n".join(out)
 
 

@@ -23,19 +23,15 @@ from typing import Any
 
 import numpy as np
 
+# the Lambda / Step Functions service limits the model obeys
+from ..backends.aws.limits import (LAMBDA_ACCOUNT_CONCURRENCY, LAMBDA_BURST_INTERVAL_S, LAMBDA_BURST_STEP,
+                                   LAMBDA_TIMEOUT_S, MAP_MAX_CHILDREN, MAX_MEMORY_MB, MAX_VCPUS, MB_PER_VCPU,
+                                   MIN_MEMORY_MB)
 from ..data.formats import LEGACY_SAMPLE_BYTES
 from ..errors import ConfigError
 from .cost import lambda_cost
 
 MIB = 1024**2
-#: Lambda gives about one vCPU per 1,769 MB of memory, reaching 6 vCPUs at its 10,240 MB maximum.
-MB_PER_VCPU = 1769.0
-MAX_VCPUS = 6.0
-MIN_MEMORY_MB, MAX_MEMORY_MB = 128, 10_240
-#: Lambda's hard per-invocation timeout (seconds).
-LAMBDA_TIMEOUT_S = 900.0
-#: Distributed Map runs at most 10,000 child executions at once (its default MaxConcurrency).
-MAP_MAX_CHILDREN = 10_000
 
 
 def lambda_vcpus(memory_mb: float) -> float:
@@ -53,9 +49,9 @@ class Params:
     published CAI runs by ``python -m cosmicai.analysis.calibrate --fit`` (see docs/simulator.md)."""
 
     # --- AWS service behaviour (documented quotas, not fitted)
-    account_concurrency: int = 1000
-    burst_step: int = 1000
-    burst_interval_s: float = 10.0
+    account_concurrency: int = LAMBDA_ACCOUNT_CONCURRENCY
+    burst_step: int = LAMBDA_BURST_STEP
+    burst_interval_s: float = LAMBDA_BURST_INTERVAL_S
     retry_delay_s: float = 1.0
     # --- fitted on the published runs (calibrate --fit --seeds 2; docs/simulator.md)
     launch_rate: float = 74.3254        # child executions the Map starts per second at first ...
@@ -71,7 +67,7 @@ class Params:
     straggler_prob: float = 0.0365      # share of tasks slower than twice their run's median ...
     straggler_factor: float = 3.513     # ... by this factor (median)
     # --- documented assumptions (not identifiable from the published runs)
-    ref_memory_mb: float = 10_240.0     # memory at which per_sample_s holds (the original's)
+    ref_memory_mb: float = float(MAX_MEMORY_MB)  # memory at which per_sample_s holds (the original's)
     thread_scaling: float = 0.8         # per-sample time ~ vcpus ** -thread_scaling
     fetch_mbps: float = 90.0            # per-function S3 GET bandwidth
     fetch_latency_s: float = 0.05
@@ -113,7 +109,7 @@ class Workload:
 
     data_bytes: int
     partition_bytes: int
-    memory_mb: float = 10_240.0
+    memory_mb: float = float(MAX_MEMORY_MB)
     max_concurrency: int = MAP_MAX_CHILDREN
     bytes_per_sample: int = LEGACY_SAMPLE_BYTES
     arch: str = "x86_64"

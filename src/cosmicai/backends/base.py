@@ -40,9 +40,3 @@ def get_backend(name: str, **options: Any) -> Backend:
     raise ConfigError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)} "
                       f"(AWS runs through `cai aws run`)")
 
-
-def gpu_ids(visible: str | None, count: int) -> list[str]:
-    """The GPU ids a process may hand to its workers: the entries of ``CUDA_VISIBLE_DEVICES`` (``visible``), or
-    ``0 .. count-1`` when it is unset or empty."""
-    ids = [d.strip() for d in (visible or "").split(",") if d.strip()]
-    return ids or [str(i) for i in range(count)]

@@ -31,9 +31,8 @@ from distributed import Client, LocalCluster, as_completed
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from ..errors import ConfigError
-from .base import gpu_ids
-
-THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+from ..storage import ENDPOINT_VARS
+from .env import THREAD_VARS, gpu_ids
 
 
 def worker_index(name: Any) -> int | None:
@@ -52,10 +51,6 @@ def pick_gpu(name: Any, gpus_per_node: int, visible: str | None) -> str | None:
         return None
     devices = gpu_ids(visible, gpus_per_node)
     return devices[index % min(len(devices), gpus_per_node)]
-
-
-#: Environment passed from the client to every worker: where the S3-compatible storage is.
-WORKER_ENV_VARS = ("CAI_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 
 
 class WorkerSetup(WorkerPlugin):
@@ -148,8 +143,9 @@ class DaskBackend:
         except OSError as exc:
             self.close()
             raise ConfigError(f"dask backend: cannot reach the scheduler {scheduler!r}: {exc}") from exc
-        # The S3 endpoint the client uses must reach remote workers too (they get only {result_url, rank}).
-        env = {var: os.environ[var] for var in WORKER_ENV_VARS if os.environ.get(var)}
+        # The S3 endpoint the client uses (storage.ENDPOINT_VARS) must reach remote workers too (they get only
+        # {result_url, rank}).
+        env = {var: os.environ[var] for var in ENDPOINT_VARS if os.environ.get(var)}
         if threads or gpus_per_node > 1 or env:
             self.client.register_plugin(WorkerSetup(threads, gpus_per_node, env))
         self.dashboard_link = self.client.dashboard_link

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from ..errors import ConfigError
+from .env import THREAD_VARS
 
 KINDS = ("slurm", "pbs")
 _WALLTIME = re.compile(r"^(\d+-)?\d{1,3}(:\d{2}){0,2}$")
@@ -89,7 +90,7 @@ class JobSpec:
         """Keyword arguments for ``SLURMCluster`` / ``PBSCluster``."""
         threads = self.threads_per_process
         extra_args = ["--resources", "GPU=1"] if self.gpus else []
-        prologue = [f"export {var}={threads}" for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")]
+        prologue = [f"export {var}={threads}" for var in THREAD_VARS]
         # dask-jobqueue gives each worker process cores/processes task slots; we want one task per process
         # (each task uses `threads` cores), so it sees `processes` cores and the job asks for `cores`.
         kwargs: dict[str, Any] = dict(

@@ -12,7 +12,7 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Callable, Iterator
 
 from ..errors import ConfigError
-from .base import gpu_ids
+from .env import THREAD_VARS, gpu_ids
 
 
 _IN_TASK = False
@@ -60,8 +60,8 @@ def _init_worker(threads: int, parent_pid: int | None = None, gpus: Any = None) 
         if hasattr(signal, "SIGTERM"):
             signal.signal(signal.SIGTERM, _on_sigterm)
     # Before torch starts its thread pools in this fresh (spawned) process.
-    os.environ["OMP_NUM_THREADS"] = str(threads)
-    os.environ["MKL_NUM_THREADS"] = str(threads)
+    for var in THREAD_VARS:
+        os.environ[var] = str(threads)
     from ..pipeline.infer import configure_worker
 
     configure_worker(threads)

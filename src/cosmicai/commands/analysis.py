@@ -6,6 +6,7 @@ import argparse
 import os
 from typing import Any
 
+from ..backends.aws.limits import FREE_EPHEMERAL_MB, MAX_MEMORY_MB
 from ..errors import ConfigError
 
 
@@ -66,12 +67,13 @@ def register(subparsers: Any) -> None:
     s.add_argument("--logs", help="state_machine_logs.csv with stage durations (default: found under ROOT)")
     s.add_argument("--batch-group", dest="batch_group",
                    help="partition/data of the batch sweep in batch_varying_results.csv, e.g. 25MB/1GB")
-    s.add_argument("--memory", default="10240", help="Lambda memory for cai_runs.csv cost, MB or e.g. 10GB")
+    s.add_argument("--memory", default=str(MAX_MEMORY_MB),
+                   help="Lambda memory for cai_runs.csv cost, MB or e.g. 10GB")
     s.set_defaults(func=cmd_stats)
 
     c = subparsers.add_parser("cost", help="AWS Lambda cost of a finished run or a what-if",
                               description="Lambda cost = requests x billed seconds x memory (GB) x price per GB-s "
-                              "+ requests x $0.20/M + ephemeral storage above 512 MB. From a run's "
+                              f"+ requests x $0.20/M + ephemeral storage above {FREE_EPHEMERAL_MB} MB. From a run's "
                               "combined_data.json (billed = wall time rounded up to 1 ms), from a text file of "
                               "Lambda REPORT lines, or a what-if from data size, partition size and seconds.")
     c.add_argument("source", nargs="?", help="run folder/URL, combined_data.json, or a log file with REPORT lines")
@@ -80,9 +82,11 @@ def register(subparsers: Any) -> None:
     c.add_argument("--seconds-per-partition", type=float, dest="seconds", help="what-if: seconds per request")
     c.add_argument("--samples-per-sec", type=float, dest="samples_per_sec",
                    help="what-if: per-request speed instead of --seconds-per-partition")
-    c.add_argument("--memory", default="10240", help="configured Lambda memory: MB (2800) or with a unit (2.8GB)")
+    c.add_argument("--memory", default=str(MAX_MEMORY_MB),
+                   help="configured Lambda memory: MB (2800) or with a unit (2.8GB)")
     c.add_argument("--arch", choices=("x86_64", "arm64"), default="x86_64")
-    c.add_argument("--ephemeral", type=float, default=512, help="ephemeral storage MB (default 512, free)")
+    c.add_argument("--ephemeral", type=float, default=FREE_EPHEMERAL_MB,
+                   help=f"ephemeral storage MB (default {FREE_EPHEMERAL_MB}, free)")
     c.add_argument("--price-gbs", type=float, dest="price_gbs", help="override the price per GB-second")
     c.add_argument("--price-requests", type=float, dest="price_requests", help="override the price per 1M requests")
     c.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -114,15 +118,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _memory_mb(text: str) -> float:
-    from ..analysis.cost import parse_size
+    from ..sizes import parse_size
 
-    return parse_size(text, "mb") / 1024**2
+    return parse_size(text, "mb", what="--memory") / 1024**2
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
     from .. import storage
     from ..analysis import stats
-    from ..analysis.cost import parse_size
+    from ..sizes import parse_size
 
     out = args.out or args.root
     group = None
@@ -130,7 +134,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
         p, _, d = args.batch_group.partition("/")
         if not d:
             raise ConfigError(f"--batch-group {args.batch_group!r}: expected PARTITION/DATA such as 25MB/1GB")
-        group = (parse_size(p, "mb") / 1024**2, parse_size(d, "gb") / 1024**3)
+        group = (parse_size(p, "mb", what="--batch-group") / 1024**2,
+                 parse_size(d, "gb", what="--batch-group") / 1024**3)
     written: list[str] = []
     tree = storage.list_files(args.root, suffixes="combined_data.json", recursive=True)
     if any(stats.classify_url(u) for u in tree):
@@ -162,7 +167,7 @@ def _prices(args: argparse.Namespace) -> dict[str, float]:
 def cmd_cost(args: argparse.Namespace) -> int:
     import json
 
-    from .. import storage
+    from .. import sizes, storage
     from ..analysis import cost
     from ..data.formats import NATIVE_SAMPLE_BYTES
 
@@ -181,9 +186,9 @@ def cmd_cost(args: argparse.Namespace) -> int:
             if not isinstance(records, list):
                 raise ConfigError(f"{src}: expected a list of per-rank records (combined_data.json)")
             results.append((f"at {memory:g} MB", cost.cost_from_records(records, memory, source=src, **common)))
-            if memory != cost.MAX_MEMORY_MB:
-                results.append((f"at {cost.MAX_MEMORY_MB} MB", cost.cost_from_records(
-                    records, cost.MAX_MEMORY_MB, source=src, **common)))
+            if memory != MAX_MEMORY_MB:
+                results.append((f"at {MAX_MEMORY_MB} MB", cost.cost_from_records(
+                    records, MAX_MEMORY_MB, source=src, **common)))
         else:
             results.append(("from REPORT lines", cost.cost_from_reports(storage.read_bytes(src).decode(errors="replace"),
                                                                          source=src, **common)))
@@ -194,9 +199,9 @@ def cmd_cost(args: argparse.Namespace) -> int:
         if seconds is None:
             if not args.samples_per_sec:
                 raise ConfigError("what-if needs --seconds-per-partition or --samples-per-sec")
-            rows = cost.parse_size(args.partition_size, "mb") // NATIVE_SAMPLE_BYTES
+            rows = sizes.parse_size(args.partition_size, "mb", what="--partition-size") // NATIVE_SAMPLE_BYTES
             seconds = rows / args.samples_per_sec
-        for mem in dict.fromkeys([memory, float(cost.MAX_MEMORY_MB)]):
+        for mem in dict.fromkeys([memory, float(MAX_MEMORY_MB)]):
             results.append((f"at {mem:g} MB", cost.what_if(args.data_size, args.partition_size, mem, seconds, **common)))
     if args.json:
         print(json.dumps([{"label": label, **r} for label, r in results], indent=1))

@@ -10,6 +10,9 @@ import tempfile
 import time
 from typing import Any
 
+from ..backends.aws.limits import (LAMBDA_TIMEOUT_S, MAX_EPHEMERAL_MB, MAX_MEMORY_MB, MIN_EPHEMERAL_MB,
+                                   MIN_MEMORY_MB)
+
 
 def register(subparsers: Any) -> None:
     """Add the ``aws`` command group."""
@@ -31,9 +34,11 @@ def register(subparsers: Any) -> None:
     d.add_argument("--result-bucket", required=True, dest="result_bucket")
     d.add_argument("--result-prefix", default="cai-results", dest="result_prefix")
     d.add_argument("--arch", choices=("x86_64", "arm64"), default="x86_64")
-    d.add_argument("--memory", type=int, default=3008, help="inference Lambda memory, MB (128-10240)")
-    d.add_argument("--timeout", type=int, default=900, help="Lambda timeout, s (max 900)")
-    d.add_argument("--ephemeral", type=int, default=512, help="Lambda /tmp size, MB (512-10240)")
+    d.add_argument("--memory", type=int, default=3008,
+                   help=f"inference Lambda memory, MB ({MIN_MEMORY_MB}-{MAX_MEMORY_MB})")
+    d.add_argument("--timeout", type=int, default=LAMBDA_TIMEOUT_S, help=f"Lambda timeout, s (max {LAMBDA_TIMEOUT_S})")
+    d.add_argument("--ephemeral", type=int, default=MIN_EPHEMERAL_MB,
+                   help=f"Lambda /tmp size, MB ({MIN_EPHEMERAL_MB}-{MAX_EPHEMERAL_MB})")
     d.add_argument("--reserved-concurrency", type=int, default=0, dest="reserved_concurrency")
     d.add_argument("--max-concurrency", type=int, default=100, dest="max_concurrency")
     d.add_argument("--tolerated-failure-percentage", type=float, default=0.0, dest="tolerated_failure_percentage")
@@ -257,7 +262,8 @@ def _since_ms(text: str) -> int:
 def cmd_logs(args: argparse.Namespace) -> int:
     """``cai aws logs``."""
     from ..backends.aws import client as aws
-    from ..backends.aws.logs import cost_table, fetch_report_events, parse_reports
+    from ..analysis.cost import cost_table
+    from ..backends.aws.logs import fetch_report_events, parse_reports
     from ..errors import ConfigError
 
     group = args.function if args.function.startswith("/") else f"/aws/lambda/{args.function}"

@@ -7,6 +7,8 @@ import json
 import sys
 from typing import Any
 
+from ..backends.aws.limits import LAMBDA_ACCOUNT_CONCURRENCY
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``plan`` subcommand."""
@@ -58,7 +60,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--concurrency", nargs="+", type=int, metavar="N", help="Map MaxConcurrency values to try")
     p.add_argument("--partition-sizes", nargs="+", metavar="SIZE", help="partition sizes to try, e.g. 25MB 100MB")
     p.add_argument("--account-concurrency", type=int, default=None,
-                   help="the account's Lambda concurrency limit (default 1000)")
+                   help=f"the account's Lambda concurrency limit (default {LAMBDA_ACCOUNT_CONCURRENCY})")
     p.add_argument("--arch", choices=("x86_64", "arm64"), default="x86_64")
     p.add_argument("--seeds", type=int, default=1, help="simulations averaged per option")
     p.add_argument("--top", type=int, default=10, help="options listed")
@@ -108,9 +110,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     """Run ``cai plan``."""
     from ..errors import ConfigError
     from ..analysis import calibrate, planner
-    from ..analysis.cost import parse_size
     from ..analysis.simulate import DEFAULT_PARAMS
     from ..data.formats import LEGACY_SAMPLE_BYTES
+    from ..sizes import parse_size
 
     if args.calibrate:
         return calibrate.run_calibration(args.reference, do_fit=args.fit)
@@ -121,7 +123,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             raise ConfigError(f"--samples: must be positive, got {args.samples}")
         data_bytes = args.samples * LEGACY_SAMPLE_BYTES
     else:
-        data_bytes = parse_size(args.data_size, "gb")
+        data_bytes = parse_size(args.data_size, "gb", what="--data-size")
     if args.seeds < 1:
         raise ConfigError(f"--seeds: must be at least 1, got {args.seeds}")
     params = DEFAULT_PARAMS
@@ -136,7 +138,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.concurrency:
         kwargs["concurrency"] = args.concurrency
     if args.partition_sizes:
-        kwargs["partitions_mb"] = [parse_size(s, "mb") / 1024**2 for s in args.partition_sizes]
+        kwargs["partitions_mb"] = [parse_size(s, "mb", what="--partition-sizes") / 1024**2
+                                   for s in args.partition_sizes]
     seeds = tuple(range(args.seeds))
     if original is not None:
         comparison = planner.compare(data_bytes, original, (params, basis), seeds=seeds, arch=args.arch, **kwargs)

@@ -1,4 +1,5 @@
-"""Readers for every supported source format, streamed as row chunks; ``convert`` turns any of them native.
+"""Readers for every supported source format, streamed as row chunks; :func:`cosmicai.data.split.convert`
+writes any of them as a native dataset (split.py imports this module, never the reverse).
 
 A source is a file or a folder (local path or ``s3://``):
 
@@ -368,11 +369,3 @@ def open_source(url: str) -> Source:
             raise DataError(f"{u}: empty file")
     kinds = sorted({_suffix_of(u).lstrip(".") for u, _ in files})
     return Source(url, "folder of " + "/".join(kinds), [u for u, _ in files])
-
-
-def convert(src: str, out: str, partition_size: str | int = "25MB", drop_nonfinite: bool = False,
-            progress: bool = False) -> "Any":
-    """Convert any supported source into native partitions + manifest at ``out`` (see :func:`split.split`)."""
-    from .split import split
-
-    return split(src, out, partition_size=partition_size, drop_nonfinite=drop_nonfinite, progress=progress)

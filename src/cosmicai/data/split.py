@@ -33,14 +33,10 @@ PARTITION_RE = re.compile(r"^part-(\d+)\.safetensors$")
 WRITE_THREADS = 4
 
 
-def parse_size(text: str | int) -> int:
-    """Bytes in a partition size such as ``25MB``, ``1.5GB``, ``20508`` (MB = 2**20 bytes, as the original counted)."""
-    return sizes.parse_size(text, "b", what="--partition-size")
-
-
 def rows_per_partition(partition_size: str | int) -> int:
-    """Rows per partition for a size: ``floor(bytes / 20,508)``; ConfigError if under one sample."""
-    size = parse_size(partition_size)
+    """Rows per partition for a size such as ``25MB``, ``1.5GB`` or ``20508`` (bare numbers are bytes; MB = 2**20
+    bytes, as the original counted): ``floor(bytes / 20,508)``; ConfigError if under one sample."""
+    size = sizes.parse_size(partition_size, "b", what="--partition-size")
     rows = size // SIZE_SAMPLE_BYTES
     if rows < 1:
         raise ConfigError(f"--partition-size: {partition_size!r} ({size} bytes) is smaller than one sample "
@@ -219,3 +215,10 @@ def split(src: str, out: str, partition_size: str | int = "25MB", drop_nonfinite
     return write_dataset(source.chunks(), out, rows, drop_nonfinite=drop_nonfinite, progress=progress,
                          total_rows=source.total_rows,
                          description=f"from {src} ({source.kind}), partitions of {partition_size}")
+
+
+def convert(src: str, out: str, partition_size: str | int = "25MB", drop_nonfinite: bool = False,
+            progress: bool = False) -> WriteReport:
+    """Convert any supported source (see :mod:`.convert`) into native partitions + manifest at ``out``: the
+    same as :func:`split`, under the name ``cai data convert`` uses."""
+    return split(src, out, partition_size=partition_size, drop_nonfinite=drop_nonfinite, progress=progress)

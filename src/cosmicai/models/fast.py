@@ -28,7 +28,8 @@ import torch
 from torch import nn
 
 from ..errors import ModelError
-from . import folding, resolve_engine
+from . import folding
+from .engines import resolve_engine
 from .astromae import AstroMAE, ConvBlock
 
 

@@ -28,7 +28,7 @@ import numpy as np
 
 from ..config import MODES
 from ..errors import ModelError
-from . import BUILTIN, resolve_engine
+from .engines import BUILTIN, resolve_engine
 from .weights_io import NORM_KEY, InputNorm, as_numpy_f32, file_kind, load_safetensors_numpy, refuse_kind
 
 if TYPE_CHECKING:

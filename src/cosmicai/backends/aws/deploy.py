@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ...errors import ConfigError
+from .limits import (LAMBDA_TIMEOUT_S, MAP_MAX_CHILDREN, MAX_EPHEMERAL_MB, MAX_MEMORY_MB, MIN_EPHEMERAL_MB,
+                     MIN_MEMORY_MB, MIN_TIMEOUT_S)
 
 if TYPE_CHECKING:
     from importlib.resources.abc import Traversable
@@ -100,8 +102,8 @@ class DeploySettings:
     arch: str = "x86_64"
     memory_mb: int = 3008
     control_memory_mb: int = 1024
-    timeout_s: int = 900
-    ephemeral_mb: int = 512
+    timeout_s: int = LAMBDA_TIMEOUT_S
+    ephemeral_mb: int = MIN_EPHEMERAL_MB
     reserved_concurrency: int = 0
     max_concurrency: int = 100
     tolerated_failure_percentage: float = 0.0
@@ -116,9 +118,10 @@ class DeploySettings:
     def validate(self) -> "DeploySettings":
         if self.arch not in PLATFORMS:
             raise ConfigError(f"--arch must be one of {sorted(PLATFORMS)}, got {self.arch!r}")
-        for name, value, lo, hi in (("--memory", self.memory_mb, 128, 10240), ("--timeout", self.timeout_s, 1, 900),
-                                    ("--ephemeral", self.ephemeral_mb, 512, 10240),
-                                    ("--max-concurrency", self.max_concurrency, 0, 10000)):
+        for name, value, lo, hi in (("--memory", self.memory_mb, MIN_MEMORY_MB, MAX_MEMORY_MB),
+                                    ("--timeout", self.timeout_s, MIN_TIMEOUT_S, LAMBDA_TIMEOUT_S),
+                                    ("--ephemeral", self.ephemeral_mb, MIN_EPHEMERAL_MB, MAX_EPHEMERAL_MB),
+                                    ("--max-concurrency", self.max_concurrency, 0, MAP_MAX_CHILDREN)):
             if not lo <= value <= hi:
                 raise ConfigError(f"{name} must be within {lo}-{hi}, got {value}")
         if not 0 <= self.tolerated_failure_percentage <= 100:

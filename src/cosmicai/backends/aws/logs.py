@@ -1,12 +1,12 @@
-"""Lambda ``REPORT`` lines from CloudWatch Logs -> per-invocation duration, memory, init time and cost.
+"""Lambda ``REPORT`` lines from CloudWatch Logs -> per-invocation duration, memory and init time.
 
 A REPORT line looks like::
 
     REPORT RequestId: 8f5e...  Duration: 10234.56 ms  Billed Duration: 10235 ms  Memory Size: 3008 MB
     Max Memory Used: 1874 MB  Init Duration: 2150.03 ms
 
-Cost per invocation = billed seconds x memory GB x price per GB-s + price per request (see
-``cosmicai.analysis.cost``; x86_64 $0.0000166667, arm64 $0.0000133334 per GB-s, $0.20 per million requests).
+Their cost (billed seconds x memory GB x price per GB-s + price per request) is computed by
+``cosmicai.analysis.cost`` (``invocation_cost``, ``cost_table``), which imports this module, never the reverse.
 """
 
 from __future__ import annotations
@@ -72,30 +72,6 @@ def parse_reports(lines: Iterable[str | tuple[str, int | None]]) -> list[Report]
         if rep is not None:
             out.append(rep)
     return out
-
-
-def invocation_cost(report: Report, arch: str = "x86_64", memory_mb: float | None = None) -> float:
-    """USD for one invocation: its billed duration at the configured (or given) memory, plus the request fee."""
-    from ...analysis.cost import lambda_cost
-
-    return float(lambda_cost(1, report.billed_ms / 1000.0, memory_mb or report.memory_mb, arch)["total"])
-
-
-def cost_table(reports: list[Report], arch: str = "x86_64", memory_mb: float | None = None) -> dict[str, Any]:
-    """Per-invocation rows (with cost) and totals: invocations, cold starts, billed seconds, peak memory, USD."""
-    rows = [r.to_dict() | {"cost_usd": invocation_cost(r, arch, memory_mb)} for r in reports]
-    total = {
-        "invocations": len(rows),
-        "cold_starts": sum(1 for r in reports if r.cold),
-        "billed_seconds": sum(r.billed_ms for r in reports) / 1000.0,
-        "mean_duration_ms": (sum(r.duration_ms for r in reports) / len(reports)) if reports else None,
-        "max_memory_used_mb": max((r.max_memory_mb for r in reports), default=None),
-        "mean_init_ms": (sum(r.init_ms for r in reports if r.init_ms is not None) / max(1, sum(r.cold for r in reports))
-                         if any(r.cold for r in reports) else None),
-        "cost_usd": sum(row["cost_usd"] for row in rows),
-        "arch": arch,
-    }
-    return {"invocations": rows, "total": total}
 
 
 def fetch_report_events(logs_client: Any, log_group: str, start_ms: int | None = None,

@@ -1,0 +1,237 @@
+"""Import structure of ``src/cosmicai``, read statically with ``ast`` (nothing is imported to build it):
+
+* no import cycle among cosmicai modules, counting module-level and function-level imports alike;
+* one size parser (``cosmicai.sizes.parse_size``);
+* the Lambda / Step Functions limits written down once, in ``cosmicai.backends.aws.limits`` (and template.yaml's
+  parameter bounds agreeing with them).
+
+An import ``from X import name`` is an edge to the module ``X.name`` when that is a module, else to ``X`` (a
+package's ``__init__``). The implicit import of a module's parent packages is not an edge: every module has it,
+so it would make every package that imports one of its own submodules look cyclic.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+PACKAGE = SRC / "cosmicai"
+LIMITS = PACKAGE / "backends" / "aws" / "limits.py"
+TEMPLATE = PACKAGE / "backends" / "aws" / "template.yaml"
+
+
+def _modules() -> dict[str, tuple[Path, bool]]:
+    """Dotted module name -> (file, is a package ``__init__``) for every module under src/cosmicai."""
+    out = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = list(path.relative_to(SRC).with_suffix("").parts)
+        is_pkg = parts[-1] == "__init__"
+        out[".".join(parts[:-1] if is_pkg else parts)] = (path, is_pkg)
+    return out
+
+
+def _import_graph() -> dict[str, dict[str, str]]:
+    """Module -> {imported cosmicai module: "file:line" of the first import of it}, every import counted."""
+    modules = _modules()
+
+    def known(name: str) -> str | None:
+        while name and name not in modules:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph: dict[str, dict[str, str]] = {}
+    for mod, (path, is_pkg) in modules.items():
+        package = mod if is_pkg else mod.rpartition(".")[0]
+        edges: dict[str, str] = {}
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            targets: list[str | None] = []
+            if isinstance(node, ast.Import):
+                targets = [known(a.name) for a in node.names if a.name.split(".")[0] == "cosmicai"]
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = package.split(".")[:len(package.split(".")) - (node.level - 1)]
+                    origin = ".".join(base + ([node.module] if node.module else []))
+                else:
+                    origin = node.module or ""
+                if origin.split(".")[0] != "cosmicai":
+                    continue
+                targets = [f"{origin}.{a.name}" if f"{origin}.{a.name}" in modules else known(origin)
+                           for a in node.names]
+            for target in targets:
+                if target and target != mod:
+                    edges.setdefault(target, f"{path.relative_to(SRC.parent)}:{node.lineno}")
+        graph[mod] = edges
+    return graph
+
+
+def _cycles(graph: dict[str, dict[str, str]]) -> list[tuple[list[str], set[str]]]:
+    """(one cycle as a closed path a -> ... -> a, its modules) per strongly connected component of more than one
+    module (Tarjan's algorithm)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    components: list[set[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = set()
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                comp.add(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                components.append(comp)
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return [(_closed_path(graph, comp), comp) for comp in components]
+
+
+def _closed_path(graph: dict[str, dict[str, str]], comp: set[str]) -> list[str]:
+    """A shortest cycle through the first module of ``comp`` (breadth first, within ``comp``)."""
+    start = min(comp)
+    paths = {start: [start]}
+    frontier = [start]
+    while frontier:
+        nxt = []
+        for v in frontier:
+            for w in sorted(graph[v]):
+                if w == start:
+                    return paths[v] + [start]
+                if w in comp and w not in paths:
+                    paths[w] = paths[v] + [w]
+                    nxt.append(w)
+        frontier = nxt
+    raise AssertionError(f"no cycle through {start} in {sorted(comp)}")  # cannot happen for a component
+
+
+def test_no_import_cycles():
+    graph = _import_graph()
+    assert len(graph) > 50
+    cycles = _cycles(graph)
+    lines = []
+    for cycle, comp in cycles:
+        lines.append(" -> ".join(cycle) + f"   (modules in this tangle: {', '.join(sorted(comp))})")
+        lines += [f"    {a} -> {b}  ({graph[a][b]})" for a, b in zip(cycle, cycle[1:])]
+    print("\n".join(lines))
+    assert not cycles, "import cycles among cosmicai modules:\n" + "\n".join(lines)
+
+
+def test_graph_sees_function_level_and_relative_imports():
+    graph = _import_graph()
+    assert "cosmicai.analysis.cost" in graph["cosmicai.analysis.simulate"]  # module level, relative
+    assert "cosmicai.data.split" in graph["cosmicai.commands.data"]  # inside cmd_split: commands import lazily
+    assert "cosmicai.backends.local" in graph["cosmicai.backends.base"]  # inside get_backend
+    # the two cycles of issue #18 stay broken: the dependency goes one way only
+    assert "cosmicai.backends.aws.logs" in graph["cosmicai.analysis.cost"]
+    assert "cosmicai.analysis.cost" not in graph["cosmicai.backends.aws.logs"]
+    assert "cosmicai.data.convert" in graph["cosmicai.data.split"]
+    assert "cosmicai.data.split" not in graph["cosmicai.data.convert"]
+
+
+def _defs(name: str) -> list[str]:
+    return sorted(f"{p.relative_to(SRC.parent)}:{node.lineno}" for p in PACKAGE.rglob("*.py")
+                  for node in ast.walk(ast.parse(p.read_text()))
+                  if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == name)
+
+
+def test_one_size_parser():
+    defs = _defs("parse_size")
+    assert len(defs) == 1 and defs[0].startswith("src/cosmicai/sizes.py:"), \
+        f"parse_size must be defined once, in src/cosmicai/sizes.py; found {defs}"
+
+
+def _limit_names() -> set[str]:
+    tree = ast.parse(LIMITS.read_text())
+    return {t.id for node in tree.body if isinstance(node, (ast.Assign, ast.AnnAssign))
+            for t in (node.targets if isinstance(node, ast.Assign) else [node.target]) if isinstance(t, ast.Name)}
+
+
+def _assigned_names(target: ast.expr) -> list[str]:
+    if isinstance(target, ast.Name):
+        return [target.id]
+    if isinstance(target, (ast.Tuple, ast.List)):
+        return [n for elt in target.elts for n in _assigned_names(elt)]
+    return []
+
+
+def test_lambda_limits_live_in_one_module():
+    names = _limit_names()
+    assert {"MIN_MEMORY_MB", "MAX_MEMORY_MB", "LAMBDA_TIMEOUT_S", "MIN_EPHEMERAL_MB", "MAX_EPHEMERAL_MB",
+            "MAP_MAX_CHILDREN"} <= names
+    problems = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path == LIMITS:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Assign):
+                targets, value = [n for t in node.targets for n in _assigned_names(t)], node.value
+            elif isinstance(node, ast.AnnAssign) and node.value is not None:
+                targets, value = _assigned_names(node.target), node.value
+            else:
+                continue
+            where = f"{path.relative_to(SRC.parent)}:{node.lineno}"
+            for name in sorted(set(targets) & names):
+                problems.append(f"{where}: assigns {name} (import it from cosmicai.backends.aws.limits)")
+            if any(isinstance(c, ast.Constant) and type(c.value) in (int, float) and c.value == 10_240
+                   for c in ast.walk(value)):
+                problems.append(f"{where}: assigns the literal 10240 to {', '.join(targets) or 'a name'} "
+                                f"(use cosmicai.backends.aws.limits.MAX_MEMORY_MB / MAX_EPHEMERAL_MB)")
+    assert not problems, "\n".join(problems)
+
+
+def test_limits_import_without_boto3():
+    code = ("import sys\n"
+            "sys.modules['boto3'] = sys.modules['botocore'] = None\n"
+            "import cosmicai.backends.aws.limits, cosmicai.analysis.cost, cosmicai.analysis.planner\n"
+            "print(cosmicai.backends.aws.limits.MAX_MEMORY_MB)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "10240"
+
+
+def _template_bounds() -> dict[str, dict[str, int]]:
+    """CloudFormation parameter -> {"MinValue": n, "MaxValue": n} from template.yaml's Parameters section."""
+    bounds: dict[str, dict[str, int]] = {}
+    section = param = None
+    for line in TEMPLATE.read_text().splitlines():
+        if re.match(r"^\S", line):
+            section = line.split(":")[0]
+            continue
+        m = re.match(r"^  (\w+):\s*$", line)
+        if section == "Parameters" and m:
+            param = m.group(1)
+            continue
+        m = re.match(r"^    (MinValue|MaxValue):\s*(\d+)\s*$", line)
+        if section == "Parameters" and param and m:
+            bounds.setdefault(param, {})[m.group(1)] = int(m.group(2))
+    return bounds
+
+
+def test_template_bounds_match_the_limits():
+    from cosmicai.backends.aws import limits
+
+    bounds = _template_bounds()
+    memory = {"MinValue": limits.MIN_MEMORY_MB, "MaxValue": limits.MAX_MEMORY_MB}
+    assert bounds["MemorySize"] == memory and bounds["ControlMemorySize"] == memory
+    assert bounds["SummarizeMemorySize"]["MaxValue"] == limits.MAX_MEMORY_MB
+    assert bounds["Timeout"] == {"MinValue": limits.MIN_TIMEOUT_S, "MaxValue": limits.LAMBDA_TIMEOUT_S}
+    assert bounds["EphemeralStorage"] == {"MinValue": limits.MIN_EPHEMERAL_MB, "MaxValue": limits.MAX_EPHEMERAL_MB}
+    assert bounds["MaxConcurrency"]["MaxValue"] == limits.MAP_MAX_CHILDREN
