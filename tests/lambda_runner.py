@@ -38,9 +38,9 @@ import uuid
 from typing import Any
 from urllib.parse import unquote
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-from s3server import free_port, wait_for_port  # noqa: E402
+# Imported under pytest, tests/ is on sys.path (pythonpath in pyproject.toml); run as the worker script
+# (``python tests/lambda_runner.py --worker``), Python puts the script's folder, tests/, first itself.
+from s3server import free_port, wait_for_port
 
 REGION = "us-east-1"
 ACCOUNT = "123456789012"

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from cosmicai.analysis.bench import size_label, size_text
 from cosmicai.analysis.stats import LOG_COLUMNS
 from cosmicai.cli import main
 from cosmicai.data.formats import INPUT_BITS_PER_SAMPLE
@@ -48,6 +49,8 @@ def test_state_machine_logs_and_distinct_samples(bench_root):
     assert [(r[0], r[2], r[3], r[4], r[5]) for r in logs[1:]] == [
         ("0.25", "64", "False", "1", "3"), ("0.25", "32", "True", "1", "3"), ("0.25", "64", "True", "1", "3"),
         ("0.25", "64", "False", "1", "5")]
+    # sizes in GB as the folders name them (0.5MB, 1MB), the values result_stats.csv has for those folders
+    assert [r[1] for r in logs[1:]] == ["0.00048828125"] * 3 + ["0.0009765625"]
     assert all(float(r[6]) >= float(r[7]) > 0 for r in logs[1:])
     report = json.loads((bench_root / "bench.json").read_text())
     assert [(r["size"], r["rows"], r["distinct_samples"]) for r in report["runs"]] == [
@@ -73,6 +76,15 @@ def test_stats_on_our_tree(bench_root):
     honest = 52 * INPUT_BITS_PER_SAMPLE / float(row["map_wall_s"])
     assert float(row["throughput_bps"]) == pytest.approx(honest, rel=1e-3)
     assert float(row["lambda_cost_usd"]) > 0 and float(row["inference_s"]) > 0
+
+
+def test_log_sizes_are_the_folders_numbers():
+    # 0.1 GB is 107374182.4 bytes: the byte count divided back would be 0.09999999962747097, which the
+    # original's tables (0.1, from the folder name) do not join
+    assert [size_text(label, "GB") for label in ("0.1GB", "12.6GB", "1GB", "1000GB", "512MB", "0.5MB")] == [
+        "0.1", "12.6", "1.0", "1000.0", "0.5", "0.00048828125"]
+    assert [size_text(label, "MB") for label in ("25MB", "0.25MB", "0.1MB", "1GB")] == ["25", "0.25", "0.1", "1024"]
+    assert size_text(size_label("0.1 gb"), "GB") == "0.1"
 
 
 def test_bench_rejects_bad_grids(tiny_dataset, tmp_path, capsys):

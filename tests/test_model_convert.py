@@ -44,15 +44,30 @@ def test_malicious_checkpoint_is_refused_without_running(tmp_path):
         state_from_bytes(_pickle_with_global("blocks.photoz", "Evil"), "evil2.pt")
 
 
+def _ops(payload: bytes) -> list[tuple[str, object]]:
+    import pickletools
+
+    return [(op.name, arg) for op, arg, _ in pickletools.genops(payload)]
+
+
 def _pickle_with_global(module: str, name: str) -> bytes:
+    """A torch.save-style zip whose data.pkl only makes an instance of ``module.name``."""
     import zipfile
 
-    payload = b"\x80\x02c" + f"{module}\n{name}\n".encode() + b")\x81."  # GLOBAL, EMPTY_TUPLE, NEWOBJ, STOP
+    payload = (pickle.PROTO + bytes([2]) + pickle.GLOBAL + f"{module}\n{name}\n".encode() + pickle.EMPTY_TUPLE
+               + pickle.NEWOBJ + pickle.STOP)
+    # a well-formed pickle that names the global (so a refusal is for the global, not for a broken stream) ...
+    assert _ops(payload) == [("PROTO", 2), ("GLOBAL", f"{module} {name}"), ("EMPTY_TUPLE", None),
+                             ("NEWOBJ", None), ("STOP", None)]
+    # ... in the protocol torch.save writes
+    real = io.BytesIO()
+    torch.save({"w": torch.zeros(1)}, real)
+    with zipfile.ZipFile(real) as zf:
+        assert _ops(zf.read("archive/data.pkl"))[0] == ("PROTO", 2)
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as zf:
         zf.writestr("archive/data.pkl", payload)
         zf.writestr("archive/version", "3\n")
-    assert payload[:2] == b"\x80\x02"  # a protocol-2 pickle, like torch.save's
     return buf.getvalue()
 
 
