@@ -79,7 +79,7 @@ def test_predict_matches_load_model_and_flags_nonfinite_rows(random_partition):
 
 
 def test_bad_backend_and_option_are_named(tiny_dataset, tmp_path):
-    with pytest.raises(ConfigError, match="backend 'ray' is not known; choose one of local, dask, aws"):
+    with pytest.raises(ConfigError, match="backend .ray. is not known; choose one of dask, local, aws"):
         cosmicai.run(tiny_dataset, str(tmp_path / "x"), backend="ray")
     with pytest.raises(ConfigError, match="batch_sise"):
         cosmicai.run(tiny_dataset, str(tmp_path / "x"), batch_sise=3)
@@ -98,3 +98,39 @@ def test_failed_ranks_raise_unless_allowed(tiny_dataset, tmp_path):
                           world_size=2, allow_failures=True)
     assert not result.complete and len(result.failures) == 1
     assert victim.name in str(result.failures[0])
+
+
+class _InlineBackend:
+    """A third-party backend: runs each task in this process, in reverse order."""
+
+    name = "inline-reversed"
+
+    def __init__(self, **options):
+        self.options, self.closed = options, False
+
+    def map(self, fn, tasks):
+        for task in reversed(tasks):
+            try:
+                yield task, fn(**task)
+            except Exception as exc:  # noqa: BLE001 - yielded, as the contract says
+                yield task, exc
+
+    def close(self):
+        self.closed = True
+
+
+def test_a_registered_backend_runs_the_pipeline(tiny_dataset, tmp_path, monkeypatch):
+    from cosmicai.backends import base
+
+    monkeypatch.setattr(base, "_REGISTERED", {})
+    built = []
+    base.register_backend("inline-reversed", lambda **options: built.append(_InlineBackend(**options)) or built[-1])
+    assert "inline-reversed" in base.available_backends()
+    with pytest.raises(ConfigError, match="already registered"):
+        base.register_backend("inline-reversed", _InlineBackend)
+    result = cosmicai.run(tiny_dataset, str(tmp_path / "r"), model="astromae-random", backend="inline-reversed",
+                          workers=1, threads=1, world_size=3, batch_size=16)
+    assert result.complete and result.summary["completeness"]["rows_out"] == 48
+    assert len(built) == 1 and built[0].closed and built[0].options["workers"] == 1
+    with pytest.raises(ConfigError, match="unknown backend 'nope'; choose one of dask, inline-reversed, local"):
+        base.get_backend("nope")

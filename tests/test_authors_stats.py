@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cosmicai.analysis.calibrate import reference_dir
+from cosmicai.simulator.calibrate import reference_dir
 from cosmicai.cli import main
 
 CPU_TIME, CPU_MEMORY, THROUGHPUT, TOTAL_BITS = ("total_cpu_time (seconds)", "total_cpu_memory (MB)",

@@ -23,7 +23,7 @@ from cosmicai.backends.aws import definition
 from cosmicai.backends.local import LocalBackend
 from cosmicai.cli import main
 from cosmicai.config import load_config
-from cosmicai.pipeline.run import run
+from cosmicai.runners.pipeline import run
 
 pytestmark = pytest.mark.s3
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cosmicai.analysis.bench import size_label, size_text
+from cosmicai.experiments.bench import size_label, size_text
 from cosmicai.analysis.stats import LOG_COLUMNS
 from cosmicai.cli import main
 from cosmicai.data.formats import INPUT_BITS_PER_SAMPLE

@@ -12,7 +12,7 @@ import pytest
 from cosmicai import sizes
 from cosmicai.analysis import cost
 from cosmicai.cli import main
-from cosmicai.analysis.calibrate import reference_dir
+from cosmicai.simulator.calibrate import reference_dir
 from cosmicai.errors import ConfigError, DataError
 
 REF = reference_dir() or Path("../shared/reference/cai")  # skipped below when absent

@@ -12,7 +12,7 @@ import pytest
 from cosmicai.backends.base import get_backend
 from cosmicai.config import load_config
 from cosmicai.errors import ConfigError
-from cosmicai.pipeline.run import run
+from cosmicai.runners.pipeline import run
 
 pytest.importorskip("distributed")
 

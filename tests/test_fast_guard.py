@@ -12,7 +12,7 @@ from cosmicai.config import load_config
 from cosmicai.errors import ConfigError, ModelError
 from cosmicai.models.guard import CALIBRATION_ROWS, FAST_TOLERANCE, calibrate, max_dz
 from cosmicai.models.registry import load_model
-from cosmicai.pipeline.run import format_report, run
+from cosmicai.runners.pipeline import format_report, run
 
 
 def _rows(n=CALIBRATION_ROWS, seed=0):

@@ -32,7 +32,7 @@ from cosmicai.data.formats import read_manifest
 from cosmicai.data.partition import read_partition
 from cosmicai.errors import CaiError
 from cosmicai.pipeline.plan import make_plan
-from cosmicai.pipeline.run import run
+from cosmicai.runners.pipeline import run
 from cosmicai.pipeline.summarize import IncompleteRunError, summarize
 from faultproxy import FaultProxy, expected_z, ledger
 

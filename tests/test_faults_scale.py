@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 from cosmicai.config import load_config
 from cosmicai.data.formats import Partition, encode_partition
 from cosmicai.data.partition import list_partitions
-from cosmicai.pipeline.run import run
+from cosmicai.runners.pipeline import run
 from faultproxy import expected_z, ledger
 
 N_PARTITIONS = 10_000

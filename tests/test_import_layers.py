@@ -136,9 +136,9 @@ def test_no_import_cycles():
 
 def test_graph_sees_function_level_and_relative_imports():
     graph = _import_graph()
-    assert "cosmicai.analysis.cost" in graph["cosmicai.analysis.simulate"]  # module level, relative
+    assert "cosmicai.analysis.cost" in graph["cosmicai.simulator.simulate"]  # module level, relative
     assert "cosmicai.data.split" in graph["cosmicai.commands.data"]  # inside cmd_split: commands import lazily
-    assert "cosmicai.backends.local" in graph["cosmicai.backends.base"]  # inside get_backend
+    assert "cosmicai.models.weights_torch" in graph["cosmicai.models.registry"]  # inside functions: torch is lazy
     # the two cycles of issue #18 stay broken: the dependency goes one way only
     assert "cosmicai.backends.aws.logs" in graph["cosmicai.analysis.cost"]
     assert "cosmicai.analysis.cost" not in graph["cosmicai.backends.aws.logs"]
@@ -200,7 +200,7 @@ def test_lambda_limits_live_in_one_module():
 def test_limits_import_without_boto3():
     code = ("import sys\n"
             "sys.modules['boto3'] = sys.modules['botocore'] = None\n"
-            "import cosmicai.backends.aws.limits, cosmicai.analysis.cost, cosmicai.analysis.planner\n"
+            "import cosmicai.backends.aws.limits, cosmicai.analysis.cost, cosmicai.simulator.planner\n"
             "print(cosmicai.backends.aws.limits.MAX_MEMORY_MB)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
@@ -235,3 +235,35 @@ def test_template_bounds_match_the_limits():
     assert bounds["Timeout"] == {"MinValue": limits.MIN_TIMEOUT_S, "MaxValue": limits.LAMBDA_TIMEOUT_S}
     assert bounds["EphemeralStorage"] == {"MinValue": limits.MIN_EPHEMERAL_MB, "MaxValue": limits.MAX_EPHEMERAL_MB}
     assert bounds["MaxConcurrency"]["MaxValue"] == limits.MAP_MAX_CHILDREN
+
+
+#: The layer rules of docs/architecture.md: (layer, what it must never import).
+LAYER_RULES = (
+    ("cosmicai.pipeline", ("cosmicai.backends", "cosmicai.runners", "cosmicai.commands", "cosmicai.cli",
+                           "cosmicai.analysis", "cosmicai.experiments", "cosmicai.simulator", "cosmicai.api")),
+    ("cosmicai.models", ("cosmicai.pipeline", "cosmicai.data", "cosmicai.backends", "cosmicai.runners",
+                         "cosmicai.commands", "cosmicai.cli", "cosmicai.analysis", "cosmicai.experiments")),
+    ("cosmicai.data", ("cosmicai.pipeline", "cosmicai.models", "cosmicai.backends", "cosmicai.runners",
+                       "cosmicai.commands", "cosmicai.cli", "cosmicai.analysis", "cosmicai.experiments")),
+    ("cosmicai.analysis", ("cosmicai.pipeline.run", "cosmicai.pipeline.infer", "cosmicai.runners",
+                           "cosmicai.backends.local", "cosmicai.backends.dask", "cosmicai.backends.aws.client",
+                           "cosmicai.experiments", "cosmicai.commands", "cosmicai.cli")),
+    ("cosmicai.backends", ("cosmicai.runners", "cosmicai.commands", "cosmicai.cli", "cosmicai.analysis",
+                           "cosmicai.experiments", "cosmicai.simulator")),
+    ("cosmicai.simulator", ("cosmicai.pipeline", "cosmicai.runners", "cosmicai.backends.aws.client",
+                            "cosmicai.experiments", "cosmicai.commands", "cosmicai.cli")),
+)
+
+
+def _within(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
+def test_layers_import_only_downwards():
+    """Stages never import backends, runners or the CLI; models never the pipeline or the data layer; analysis
+    only reads results (it runs nothing); backends do not reach up into runners or analysis."""
+    graph = _import_graph()
+    broken = [f"{module} -> {dep} ({where})" for layer, banned in LAYER_RULES
+              for module, deps in graph.items() if _within(module, layer)
+              for dep, where in deps.items() if any(_within(dep, b) for b in banned)]
+    assert not broken, "\n".join(broken)

@@ -363,7 +363,7 @@ def test_handlers_run_the_pipeline_in_the_image_environment(image, s3_server, s3
     from cosmicai import storage
     from cosmicai.backends.local import LocalBackend
     from cosmicai.config import load_config
-    from cosmicai.pipeline.run import run
+    from cosmicai.runners.pipeline import run
 
     assert image.cmd == ["cosmicai.backends.aws.handlers.infer"]
     data, result = f"{s3_url}/data", f"{s3_url}/result"

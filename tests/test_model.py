@@ -131,7 +131,7 @@ def test_input_normalisation_lives_in_the_weights(tmp_path):
 @pytest.mark.parametrize("engine", ["onnxruntime", "torch"])
 def test_demo_weights_fast_mode_and_accuracy(engine):
     from cosmicai.data.synth import synthesize
-    from cosmicai.models.train import scores
+    from cosmicai.training import scores
 
     with open(os.path.splitext(demo_weights_path())[0] + ".json") as f:
         card = json.load(f)

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from cosmicai.models.registry import load_model
-from cosmicai.models.train import HOLDOUT_FIRST_ID, main, scores
+from cosmicai.training import HOLDOUT_FIRST_ID, main, scores
 
 torch.set_num_threads(1)
 
@@ -22,7 +22,7 @@ def test_train_demo_tiny_run_writes_loadable_weights_and_card(tmp_path):
     card = json.loads((tmp_path / "demo.json").read_text())
     assert card["data"]["holdout_ids"] == [HOLDOUT_FIRST_ID, HOLDOUT_FIRST_ID + 7]
     assert card["data"]["train_ids"] == [4, 23] and card["training"]["steps"] == 2
-    assert card["holdout_scores"]["n"] == 8 and card["command"].startswith("python -m cosmicai.models.train")
+    assert card["holdout_scores"]["n"] == 8 and card["command"].startswith("python -m cosmicai.training")
     assert [h["train_rows"] for h in card["history"]] == [8, 20]  # round r uses chunks 0..r, monitor rows left out
     assert out.stat().st_size < 35e6
     # a rerun resumes from the finished checkpoint: no further steps, same weights

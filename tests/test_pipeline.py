@@ -18,7 +18,7 @@ from cosmicai.config import load_config
 from cosmicai.data.formats import INPUT_BITS_PER_SAMPLE, decode_partition, read_manifest
 from cosmicai.pipeline.metrics import redshift_metrics
 from cosmicai.results import ORIGINAL_KEYS
-from cosmicai.pipeline.run import format_report, run
+from cosmicai.runners.pipeline import format_report, run
 from cosmicai.pipeline.summarize import IncompleteRunError, summarize
 
 MODEL = "astromae-random"
@@ -122,7 +122,7 @@ def test_failed_rank_is_named_and_rerun_does_only_it(tiny_dataset, tmp_path):
 def test_killed_run_resumes_only_missing_ranks(tiny_dataset, tmp_path):
     result = str(tmp_path / "res")
     config = {"data": tiny_dataset, "result": result, "model": MODEL, "batch_size": 1, "threads": 1}
-    script = ("import sys, json; from cosmicai.config import load_config; from cosmicai.pipeline.run import run; "
+    script = ("import sys, json; from cosmicai.config import load_config; from cosmicai.runners.pipeline import run; "
               "from cosmicai.backends.local import LocalBackend; "
               "run(load_config(json.loads(sys.argv[1]))[0], backend=LocalBackend(1, 1), progress=False)")
     proc = subprocess.Popen([sys.executable, "-c", script, json.dumps(config)])

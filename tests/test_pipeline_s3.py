@@ -10,7 +10,7 @@ import pytest
 
 from cosmicai import storage
 from cosmicai.config import load_config
-from cosmicai.pipeline.run import run
+from cosmicai.runners.pipeline import run
 from cosmicai.pipeline.summarize import summarize
 
 pytestmark = pytest.mark.s3

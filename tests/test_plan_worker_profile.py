@@ -8,8 +8,8 @@ import math
 import pytest
 
 from cosmicai import cli
-from cosmicai.analysis import planner
-from cosmicai.analysis.simulate import DEFAULT_PARAMS, lambda_vcpus
+from cosmicai.simulator import planner
+from cosmicai.simulator.simulate import DEFAULT_PARAMS, lambda_vcpus
 from cosmicai.errors import ConfigError
 
 GIB = 1024**3
@@ -250,7 +250,7 @@ def test_cli_without_profile_flag_uses_the_shipped_one(capsys):
                      "--concurrency", "1000"]) == 0
     text = capsys.readouterr().out
     shipped = planner.load_worker_profile()
-    assert "worker profile shipped cosmicai/analysis/worker_profile.json" in text
+    assert "worker profile shipped cosmicai/simulator/worker_profile.json" in text
     assert f"measured_with {shipped.measured_with!r}" in text
     assert f"{shipped.per_galaxy_s * 1e3:.3f} ms/galaxy on {shipped.threads:g} vCPUs" in text
 

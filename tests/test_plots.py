@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from cosmicai.cli import main
-from cosmicai.analysis.calibrate import reference_dir
+from cosmicai.simulator.calibrate import reference_dir
 from cosmicai.errors import DataError
 
 REF = reference_dir() or Path("../shared/reference/cai")  # skipped below when absent

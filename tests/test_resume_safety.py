@@ -24,7 +24,7 @@ from cosmicai.pipeline.infer import clear_model_cache, run_task
 from cosmicai.pipeline.lease import LeaseHeldError
 from cosmicai.results import LEASE_NAME
 from cosmicai.pipeline.plan import make_plan
-from cosmicai.pipeline.run import run
+from cosmicai.runners.pipeline import run
 
 TESTS = str(Path(__file__).parent)
 
@@ -220,7 +220,7 @@ def test_extreme_finite_inputs_are_flagged_and_counted(tmp_path):
     assert summary["metrics"]["n"] == 4 and summary["metrics"]["n_excluded"] == 2
     assert summary["nonfinite_predictions"]["rows"] == 2 and summary["nonfinite_predictions"]["partitions"] == [
         "part-000001.safetensors"]
-    from cosmicai.pipeline.run import format_report
+    from cosmicai.runners.pipeline import format_report
 
     assert ("non-finite predictions: 2 row(s) flagged, 2 from finite inputs, in 1 partition(s): "
             "part-000001.safetensors") in format_report(summary)

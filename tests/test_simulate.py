@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from cosmicai.analysis import calibrate, planner
-from cosmicai.analysis.simulate import DEFAULT_PARAMS, MIB, Workload, lambda_vcpus, max_overlap, simulate
+from cosmicai.simulator import calibrate, planner
+from cosmicai.simulator.simulate import DEFAULT_PARAMS, MIB, Workload, lambda_vcpus, max_overlap, simulate
 from cosmicai.errors import ConfigError
 
 GIB = 1024**3

@@ -18,13 +18,11 @@ Also here, without Slurm: ``--gpus-per-job`` in the ``--dry-run`` job script.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import threading
 import time
 import uuid
-from pathlib import Path
 
 import pytest
 

@@ -10,7 +10,7 @@ import pytest
 
 from cosmicai.analysis import stats
 from cosmicai.cli import main
-from cosmicai.analysis.calibrate import reference_dir
+from cosmicai.simulator.calibrate import reference_dir
 from cosmicai.errors import DataError
 
 REF = reference_dir() or Path("../shared/reference/cai")  # skipped below when absent

@@ -338,7 +338,7 @@ def test_duplicate_object_ids_are_counted_in_the_summary(tmp_path):
     """Two partitions that share ids (a dataset assembled twice from the same catalogue): counted and named."""
     from cosmicai.config import load_config
     from cosmicai.data.formats import encode_partition
-    from cosmicai.pipeline.run import format_report, run
+    from cosmicai.runners.pipeline import format_report, run
     from conftest import make_random_partition
 
     data = tmp_path / "data"

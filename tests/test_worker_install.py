@@ -64,7 +64,7 @@ def test_worker_install_has_none_of_the_heavy_packages(worker_python, tmp_path):
 def test_worker_runs_the_pipeline_with_the_full_installs_predictions(worker_python, tiny_dataset, tmp_path,
                                                                      monkeypatch):
     from cosmicai.config import load_config
-    from cosmicai.pipeline.run import run
+    from cosmicai.runners.pipeline import run
 
     result = tmp_path / "worker"
     done = _cai(worker_python, "run", "--data", tiny_dataset, "--result", str(result), "--mode", "exact",

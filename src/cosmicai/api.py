@@ -12,7 +12,6 @@ import numpy as np
 
 from .errors import ConfigError
 
-BACKENDS = ("local", "dask", "aws")
 #: ``run`` options that go to the Step Functions runner, not into the run config.
 AWS_OPTIONS = ("stack", "state_machine_arn", "endpoint", "region", "name", "upload", "poll_s", "timeout_s")
 
@@ -72,30 +71,33 @@ def run(data: str, result: str | None = None, *, model: str = "astromae-demo", b
         **options: Any) -> RunResult:
     """Run ``model`` over the dataset at ``data`` and write everything under ``result``; returns the result.
 
-    ``backend``: ``local`` (processes on this machine), ``dask`` (``scheduler=`` an address, or a local cluster)
-    or ``aws`` (the deployed Step Functions state machine: ``stack=`` or ``state_machine_arn=``, plus
+    ``backend``: ``local`` (processes on this machine), ``dask`` (``scheduler=`` an address, or a local cluster),
+    a registered one (``backends.base.register_backend`` or the ``cosmicai.backends`` entry points), or ``aws`` (the deployed Step Functions state machine: ``stack=`` or ``state_machine_arn=``, plus
     ``endpoint=``, ``region=``, ``name=``, ``upload=``, ``poll_s=``, ``timeout_s=``). Other ``options`` are run
     config keys (``batch_size``, ``world_size``, ``workers``, ``threads``, ``device``, ``allow_failures``,
     ``overwrite``, ...; see docs/pipeline.md); an unknown one raises ConfigError naming it. A rerun resumes.
     Failed ranks raise IncompleteRunError unless ``allow_failures=True``."""
     from .config import load_config
 
-    if backend not in BACKENDS:
-        raise ConfigError(f"backend '{backend}' is not known; choose one of {', '.join(BACKENDS)}")
+    from .backends.base import available_backends
+
+    if backend != "aws" and backend not in available_backends():
+        raise ConfigError(f"backend '{backend}' is not known; choose one of "
+                          f"{', '.join([*available_backends(), 'aws'])}")
     values = {"data": data, "model": model, "weights": weights, "mode": mode, **options}
     if result is not None:
         values["result"] = result
     values = {k: v for k, v in values.items() if v is not None}
     if backend == "aws":
         return _run_aws(values, report)
-    from .pipeline.run import run as run_pipeline
+    from .runners.pipeline import run as run_pipeline
 
     config, _ = load_config({**values, "backend": backend})
     return RunResult(config.result, run_pipeline(config, progress=progress, report=report))
 
 
 def _run_aws(values: dict[str, Any], report: bool) -> RunResult:
-    from .backends.aws.runner import run_on_stepfunctions
+    from .runners.stepfunctions import run_on_stepfunctions
     from .config import load_config
     from .pipeline.summarize import IncompleteRunError
 
@@ -108,7 +110,7 @@ def _run_aws(values: dict[str, Any], report: bool) -> RunResult:
                                  f"({execution.status.get('error')}) and wrote no summary under "
                                  f"{execution.result_url}")
     if report:
-        from .pipeline.run import format_report
+        from .runners.pipeline import format_report
 
         print(format_report(execution.summary))
     return RunResult(execution.result_url, execution.summary, execution.arn)

@@ -262,3 +262,10 @@ class LocalBackend:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def from_options(workers: int | None = None, threads: int | None = None, in_process: bool | None = None,
+                 **ignored: Any) -> LocalBackend:
+    """The ``local`` backend from a run's backend options (Dask-only ones, such as ``scheduler`` and ``device``, are
+    ignored: the local pool pins GPUs itself)."""
+    return LocalBackend(workers=workers, threads=threads, in_process=in_process)

@@ -102,7 +102,7 @@ def register(subparsers: Any) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from ..analysis.bench import BenchSpec, bench
+    from ..experiments.bench import BenchSpec, bench
 
     spec = BenchSpec(data=args.data, out=args.out, sizes=args.sizes, partitions=args.partitions,
                      batch_sizes=args.batch_sizes, runs=args.runs, backend=args.backend, model=args.model,

@@ -159,33 +159,12 @@ def _run_input(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_run(args: argparse.Namespace) -> int:
     """``cai aws run``."""
     from ..backends.aws import client as aws
-    from ..config import load_config
     from ..errors import ConfigError
+    from ..runners.stepfunctions import run_on_stepfunctions
 
     if not args.config and not args.data:
         raise ConfigError("give a run config file or --data s3://bucket/prefix")
     run_input = _run_input(args)
-    sfn = aws.client("stepfunctions", args.endpoint, args.region)
-    arn = args.state_machine_arn
-    outputs: dict[str, str] = {}
-    if args.stack:
-        outputs = aws.stack_outputs(aws.client("cloudformation", args.endpoint, args.region), args.stack)
-        arn = arn or outputs.get("StateMachineArn")
-    if not arn:
-        raise ConfigError("give --stack NAME (a deployed stack) or --state-machine-arn ARN")
-    name = aws.check_name(args.name) if args.name else aws.run_name()
-    if "result" not in run_input and "result_path" not in run_input:
-        if not outputs.get("ResultLocation"):
-            raise ConfigError("no result URL: give --result s3://... (or --stack, whose outputs name the result location)")
-        run_input["result"] = outputs["ResultLocation"].rstrip("/") + "/" + name
-    config, _ = load_config({k: v for k, v in run_input.items() if k != "aws"})
-    if args.upload:
-        n = aws.upload_dataset(args.upload, config.data)
-        print(f"uploaded {n} file(s) from {args.upload} to {config.data}")
-    execution = aws.start_run(sfn, arn, run_input, name)
-    print(f"started execution {name}\n  {execution}\n  results: {config.result}")
-    if args.no_wait:
-        return 0
     last = [""]
 
     def show(st: dict[str, Any]) -> None:
@@ -194,18 +173,25 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"  [{time.strftime('%H:%M:%S')}] {line}", flush=True)
             last[0] = line
 
-    final = aws.wait(sfn, execution, poll_s=args.poll, timeout_s=args.timeout, on_update=show)
-    return _report(final, config.result)
+    def started(execution: str, name: str, result: str, uploaded: int | None) -> None:
+        if uploaded is not None:
+            print(f"uploaded {uploaded} file(s) from {args.upload} to {run_input.get('data')}")
+        print(f"started execution {name}\n  {execution}\n  results: {result}")
+
+    done = run_on_stepfunctions(run_input, state_machine_arn=args.state_machine_arn, stack=args.stack,
+                                endpoint=args.endpoint, region=args.region, name=args.name, upload=args.upload,
+                                poll_s=args.poll, timeout_s=args.timeout, wait=not args.no_wait, on_update=show,
+                                on_start=started)
+    if args.no_wait:
+        return 0
+    return _report(done.status, done.result_url, done.summary)
 
 
-def _report(st: dict[str, Any], result_url: str | None) -> int:
-    from ..backends.aws import client as aws
-
+def _report(st: dict[str, Any], result_url: str | None, summary: dict[str, Any] | None) -> int:
     if st.get("error"):
         print(f"execution {st['status']}: {st['error']}: {_short(st.get('cause'))}", file=sys.stderr)
-    summary = aws.read_summary(result_url) if result_url else None
     if summary is not None:
-        from ..pipeline.run import format_report
+        from ..runners.pipeline import format_report
 
         print(format_report(summary))
     elif result_url:
@@ -238,7 +224,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"  started {st['start']}" + (f", stopped {st['stop']}" if st.get("stop") else ""))
     result_url = (st.get("output") or {}).get("result_url") or (st.get("input") or {}).get("result")
     if st["status"] in aws.TERMINAL:
-        return _report(st, result_url)
+        return _report(st, result_url, aws.read_summary(result_url) if result_url else None)
     return 0
 
 

@@ -18,7 +18,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     imp.set_defaults(func=_import_cai)
 
     train = sub.add_parser("train-demo", help="train the demo weights on synthetic galaxies")
-    from ..models import train as train_mod  # light: torch is imported lazily inside train()
+    from .. import training as train_mod  # light: torch is imported lazily inside train()
 
     train_mod.add_arguments(train)
     train.set_defaults(func=_train_demo)
@@ -47,7 +47,7 @@ def _import_cai(args: argparse.Namespace) -> int:
 def _train_demo(args: argparse.Namespace) -> int:
     import sys
 
-    from ..models import train as train_mod
+    from .. import training as train_mod
 
     args.command_line = " ".join(["cai", *sys.argv[1:]])
     return train_mod.run(args)

@@ -33,7 +33,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--device", help="cpu, cuda, cuda:N (default cpu)")
     p.add_argument("--workers", type=int, help="local worker processes (default: the cores)")
     p.add_argument("--threads", type=int, help="torch threads per worker (default: cores // workers)")
-    p.add_argument("--backend", choices=("local", "dask"))
+    p.add_argument("--backend", help="local (default), dask, or a registered backend (entry point group "
+                                      "cosmicai.backends; see docs/architecture.md)")
     p.add_argument("--scheduler", help="Dask scheduler address (with --backend dask)")
     p.add_argument("--endpoint", help="S3 endpoint URL (sets CAI_S3_ENDPOINT)")
     p.add_argument("--bucket-root", dest="bucket_root",
@@ -67,7 +68,7 @@ def register(subparsers: Any) -> None:
 
 
 def _run_and_report(config: Any, quiet: bool) -> int:
-    from ..pipeline.run import run
+    from ..runners.pipeline import run
     from ..pipeline.summarize import IncompleteRunError
 
     try:

@@ -77,7 +77,7 @@ def _bases(args: argparse.Namespace, params: Any) -> tuple[tuple[Any, Any], tupl
     """The plan's ((params, basis), original) from the flags: ``(params, basis)`` is our worker's numbers,
     or the original's constants with ``--original``; ``original`` is the original's constants for
     ``--compare-original``, else None."""
-    from ..analysis import planner
+    from ..simulator import planner
     from ..errors import ConfigError
 
     worker_flags = [name for name, value in (("--worker-profile", args.worker_profile),
@@ -109,8 +109,8 @@ def _bases(args: argparse.Namespace, params: Any) -> tuple[tuple[Any, Any], tupl
 def cmd_plan(args: argparse.Namespace) -> int:
     """Run ``cai plan``."""
     from ..errors import ConfigError
-    from ..analysis import calibrate, planner
-    from ..analysis.simulate import DEFAULT_PARAMS
+    from ..simulator import calibrate, planner
+    from ..simulator.simulate import DEFAULT_PARAMS
     from ..data.formats import LEGACY_SAMPLE_BYTES
     from ..sizes import parse_size
 

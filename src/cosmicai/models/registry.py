@@ -35,6 +35,8 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
+    from .weights_torch import Normalized
+
 DEMO_NAME = "astromae-demo"
 DEMO_FILE = "astromae-demo.safetensors"
 ENTRY_POINT_GROUP = "cosmicai.models"

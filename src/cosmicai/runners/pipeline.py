@@ -10,11 +10,11 @@ from typing import Any
 from .. import storage
 from ..config import RunConfig
 from ..errors import CaiError
-from .infer import done_ranks, record_failure, run_task
-from .lease import Lease, describe
+from ..pipeline.infer import done_ranks, record_failure, run_task
+from ..pipeline.lease import Lease, describe
 from ..results import PLAN_NAME, RUN_NAME, SUMMARY_NAME
-from .plan import make_plan, plan_contents
-from .summarize import IncompleteRunError, incomplete_message, summarize
+from ..pipeline.plan import make_plan, plan_contents
+from ..pipeline.summarize import IncompleteRunError, incomplete_message, summarize
 
 
 def _make_backend(config: RunConfig) -> Any:

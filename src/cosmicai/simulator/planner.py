@@ -1,7 +1,7 @@
 """Recommend partition size, Lambda memory and Map concurrency for a dataset, by simulating each option.
 
 Every (partition size, memory, MaxConcurrency) combination is simulated with the calibrated
-:mod:`cosmicai.analysis.simulate` model; options whose working set does not fit in memory or whose
+:mod:`cosmicai.simulator.simulate` model; options whose working set does not fit in memory or whose
 longest task exceeds Lambda's 15-minute limit are marked infeasible. The goal ``time`` picks the
 fastest option, ``cost`` the cheapest (optionally finishing within ``max_time_s``); among options within
 1% of the best on the goal, the best on the other axis wins.
@@ -189,7 +189,7 @@ class SpeedBasis:
         if self.profile is not None:
             extra = ", ".join(f"{k} {self.profile[k]}" for k in ("install", "engine", "mode", "threads")
                               if k in self.profile)
-            where = ("shipped cosmicai/analysis/worker_profile.json" if self.profile.get("shipped")
+            where = ("shipped cosmicai/simulator/worker_profile.json" if self.profile.get("shipped")
                      else self.profile["path"])
             out.append(f"  worker profile {where}: measured_with {self.profile.get('measured_with')!r}"
                        f", date {self.profile.get('date')!r}" + (f"; {extra}" if extra else ""))

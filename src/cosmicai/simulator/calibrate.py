@@ -12,7 +12,7 @@ the lognormal jitter of task durations and the straggler rate and factor. The fr
 rate, cold start, seconds per sample, the Initialize/Summarize base times and Summarize's per-rank cost)
 are fitted by a coordinate search in log space minimising the mean absolute log error (numpy only).
 
-Run ``python -m cosmicai.analysis.calibrate`` to print the table for the stored defaults, ``--fit`` to
+Run ``python -m cosmicai.simulator.calibrate`` to print the table for the stored defaults, ``--fit`` to
 refit and print the fitted parameters.
 """
 
@@ -32,7 +32,7 @@ import numpy as np
 
 from ..backends.aws.limits import MAX_MEMORY_MB
 from ..errors import DataError
-from .cost import lambda_cost
+from ..analysis.cost import lambda_cost
 from .simulate import DEFAULT_PARAMS, MIB, Params, Workload, simulate
 
 #: The memory of the original's published runs: Lambda's maximum.
@@ -316,8 +316,8 @@ def format_published(figures: Sequence[dict]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m cosmicai.analysis.calibrate [--reference DIR] [--fit] [--seed N]``."""
-    ap = argparse.ArgumentParser(prog="python -m cosmicai.analysis.calibrate", description=__doc__.split("\n")[0])
+    """``python -m cosmicai.simulator.calibrate [--reference DIR] [--fit] [--seed N]``."""
+    ap = argparse.ArgumentParser(prog="python -m cosmicai.simulator.calibrate", description=__doc__.split("\n")[0])
     ap.add_argument("--reference", help="published CAI folder (default: $CAI_REFERENCE_DIR or "
                     "../shared/reference/cai)")
     ap.add_argument("--fit", action="store_true", help="refit the free parameters before printing")

@@ -7,8 +7,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ...errors import ConfigError
-from . import client as aws
+from ..backends.aws import client as aws
+from ..errors import ConfigError
 
 
 @dataclass
@@ -27,11 +27,14 @@ def run_on_stepfunctions(run_input: dict[str, Any], *, state_machine_arn: str | 
                          stack: str | None = None, endpoint: str | None = None, region: str | None = None,
                          name: str | None = None, upload: str | None = None, poll_s: float = 2.0,
                          timeout_s: float | None = None, wait: bool = True,
-                         on_update: Callable[[dict[str, Any]], None] | None = None) -> Execution:
+                         on_update: Callable[[dict[str, Any]], None] | None = None,
+                         on_start: Callable[[str, str, str, int | None], None] | None = None) -> Execution:
     """Run ``run_input`` (a run config: data, result, model, ...) on the state machine named by
     ``state_machine_arn`` or by the outputs of ``stack``. Without a result URL the stack's ``ResultLocation``
-    plus the execution name is used. ``upload``: a local dataset folder copied to the config's data URL first."""
-    from ...config import load_config
+    plus the execution name is used. ``upload``: a local dataset folder copied to the config's data URL first.
+    ``on_start(execution_arn, name, result_url, files_uploaded or None)`` and ``on_update(status)`` report
+    progress (the CLI prints them; nothing is printed otherwise)."""
+    from ..config import load_config
 
     run_input = dict(run_input)
     if not state_machine_arn and not stack:
@@ -50,9 +53,10 @@ def run_on_stepfunctions(run_input: dict[str, Any], *, state_machine_arn: str | 
                               "location)")
         run_input["result"] = outputs["ResultLocation"].rstrip("/") + "/" + name
     config, _ = load_config({k: v for k, v in run_input.items() if k != "aws"})
-    if upload:
-        aws.upload_dataset(upload, config.data)
+    uploaded = aws.upload_dataset(upload, config.data) if upload else None
     arn = aws.start_run(sfn, state_machine_arn, run_input, name)
+    if on_start is not None:
+        on_start(arn, name, config.result, uploaded)
     if not wait:
         return Execution(arn, name, {"status": "RUNNING"}, config.result, None)
     final = aws.wait(sfn, arn, poll_s=poll_s, timeout_s=timeout_s, on_update=on_update)

@@ -22,9 +22,8 @@ from typing import Any, Callable, Sequence
 from .. import storage
 from ..errors import ConfigError
 from ..sizes import UNITS, parse_size
-from .stats import LOG_COLUMNS
+from ..analysis.stats import LOG_COLUMNS
 
-BACKENDS = ("local", "dask", "aws")
 
 
 def size_label(text: str) -> str:
@@ -61,8 +60,11 @@ class BenchSpec:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def check(self) -> None:
-        if self.backend not in BACKENDS:
-            raise ConfigError(f"--backend: unknown backend {self.backend!r}; expected one of {BACKENDS}")
+        from ..backends.base import available_backends
+
+        known = [*available_backends(), "aws"]
+        if self.backend not in known:
+            raise ConfigError(f"--backend: unknown backend {self.backend!r}; expected one of {known}")
         if not self.sizes or not self.partitions:
             raise ConfigError("--sizes and --partitions need at least one size each")
         if self.runs < 1:
@@ -105,7 +107,7 @@ def size_text(label: str, unit: str) -> str:
 def _log_row(partition: str, size: str, batch: int, varying: bool, run: int, summary: dict[str, Any]) -> list[str]:
     """One ``state_machine_logs.csv`` row. Sizes are written as the run's folders name them (``partition`` and
     ``size`` are folder labels), so the row joins ``result_stats.csv`` on ``partition (MB)`` and ``data (GB)``."""
-    from .stats import stage_durations
+    from ..analysis.stats import stage_durations
 
     total, map_s = stage_durations(summary)
     return [size_text(partition, "MB"), size_text(size, "GB"), str(batch), str(varying), str(run),
@@ -128,7 +130,7 @@ def _runner(spec: BenchSpec) -> tuple[Callable[[Any], dict[str, Any]], Callable[
     if spec.backend == "aws":
         return _aws_runner(spec), lambda: None
     from ..backends.base import get_backend
-    from ..pipeline.run import run
+    from ..runners.pipeline import run
 
     options: dict[str, Any] = {"workers": spec.workers, "threads": spec.threads}
     if spec.backend == "dask":
@@ -139,26 +141,24 @@ def _runner(spec: BenchSpec) -> tuple[Callable[[Any], dict[str, Any]], Callable[
 
 def _aws_runner(spec: BenchSpec) -> Callable[[Any], dict[str, Any]]:
     """Run each grid point as one Step Functions execution of a deployed stack (``spec.extra``: stack or
-    state_machine_arn, endpoint, region) and return its summary.json, with the execution's wall time as the
-    whole-run duration. ``--data`` and ``--out`` must then be s3:// URLs the Lambdas can reach."""
-    from ..backends.aws import client as aws
+    state_machine_arn, endpoint, region; ``runners.stepfunctions``) and return its summary.json, with the
+    execution's wall time as the whole-run duration. ``--data`` and ``--out`` must be s3:// URLs the Lambdas reach."""
+    from ..runners.stepfunctions import run_on_stepfunctions
 
     if not (spec.data.startswith("s3://") and spec.out.startswith("s3://")):
         raise ConfigError("--backend aws needs s3:// URLs for --data and --out (the Lambdas read and write them)")
-    endpoint, region = spec.extra.get("endpoint"), spec.extra.get("region")
-    sfn = aws.client("stepfunctions", endpoint, region)
-    arn = spec.extra.get("state_machine_arn")
-    if not arn and spec.extra.get("stack"):
-        arn = aws.stack_outputs(aws.client("cloudformation", endpoint, region), spec.extra["stack"]).get("StateMachineArn")
-    if not arn:
+    target = {k: spec.extra.get(k) for k in ("stack", "state_machine_arn", "endpoint", "region")}
+    if not (target["stack"] or target["state_machine_arn"]):
         raise ConfigError("--backend aws needs --stack NAME (a deployed stack) or --state-machine-arn ARN")
 
     def run_one(cfg: Any) -> dict[str, Any]:
+        from ..backends.aws.client import run_name
+
         run_input = {k: v for k, v in cfg.plan_dict().items() if v is not None}
         t0 = time.perf_counter()
-        final = aws.wait(sfn, aws.start_run(sfn, arn, run_input, aws.run_name("cai-bench")))
+        done = run_on_stepfunctions(run_input, name=run_name("cai-bench"), **target)
         total = time.perf_counter() - t0
-        summary = aws.read_summary(cfg.result)
+        final, summary = done.status, done.summary
         if final["status"] != "SUCCEEDED" or summary is None:
             raise ConfigError(f"{cfg.result}: execution {final['status']}: {final.get('error')} {final.get('cause')}")
         summary["stages"] = {**(summary.get("stages") or {}), "total_s": total}

@@ -1,4 +1,4 @@
-"""Train the demo AstroMAE weights on synthetic galaxies (``cai model train-demo`` / ``python -m cosmicai.models.train``).
+"""Train the demo AstroMAE weights on synthetic galaxies (``cai model train-demo`` / ``python -m cosmicai.training``).
 
 The data come from :func:`cosmicai.data.synth.synthesize` with a fixed seed: training galaxies are object ids
 ``0 .. n_train-1``, the held-out set is ``HOLDOUT_FIRST_ID ..`` (never seen in training, used only for the
@@ -37,7 +37,7 @@ def synth_cached(path: str, n: int, seed: int, first_id: int, workers: int | Non
             data = {k: f[k] for k in f.files}
         if len(data["redshift"]) == n and int(data["object_id"][0]) == first_id and int(data["seed"]) == seed:
             return data
-    from ..data.synth import synthesize
+    from .data.synth import synthesize
 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(lock, "w") as f:
@@ -77,7 +77,7 @@ def holdout(args: argparse.Namespace) -> dict[str, np.ndarray]:
 
 def fit_norm(images: np.ndarray, magnitudes: np.ndarray, redshift: np.ndarray):
     """Input normalisation from the training set: per-band robust image scale + asinh, magnitude and z scaling."""
-    from .weights_io import InputNorm
+    from .models.weights_io import InputNorm
 
     sample = images[: min(len(images), 5000)]
     per_band = sample.transpose(1, 0, 2, 3).reshape(5, -1)
@@ -91,7 +91,7 @@ def fit_norm(images: np.ndarray, magnitudes: np.ndarray, redshift: np.ndarray):
 
 def scores(z_pred: np.ndarray, z_true: np.ndarray) -> dict[str, float]:
     """The AstroMAE metrics (``pipeline.metrics.redshift_metrics``) under the model card's key names."""
-    from ..pipeline.metrics import redshift_metrics
+    from .pipeline.metrics import redshift_metrics
 
     m = redshift_metrics(z_pred, z_true)
     return {"MAE": m["MAE"], "MSE": m["MSE"], "bias": m["Bias"], "precision": m["Precision"], "R2": m["R2"],
@@ -133,9 +133,9 @@ def train(args: argparse.Namespace) -> dict:
     import torch
     from torch import nn
 
-    from .astromae import build_astromae, count_params
-    from .registry import load_model
-    from .weights_torch import Normalized, save_weights
+    from .models.astromae import build_astromae, count_params
+    from .models.registry import load_model
+    from .models.weights_torch import Normalized, save_weights
 
     torch.manual_seed(args.seed)
     if args.threads:
@@ -217,7 +217,7 @@ def train(args: argparse.Namespace) -> dict:
     card = {
         "name": "astromae-demo", "file": os.path.basename(args.out), "bytes": len(blob), "dtype": "float16",
         "n_params": count_params(model.net), "seed": args.seed,
-        "command": getattr(args, "command_line", None) or "python -m cosmicai.models.train",
+        "command": getattr(args, "command_line", None) or "python -m cosmicai.training",
         "data": {"generator": "cosmicai.data.synth.synthesize", "seed": args.seed, "synth_sha256": _synth_sha(),
                  "train_ids": [n_val, args.n_train - 1], "monitor_ids": [0, n_val - 1],
                  "holdout_ids": [HOLDOUT_FIRST_ID, HOLDOUT_FIRST_ID + args.n_holdout - 1]},
@@ -239,7 +239,7 @@ def train(args: argparse.Namespace) -> dict:
 def _synth_sha() -> str:
     import hashlib
 
-    from ..data import synth
+    from .data import synth
 
     with open(synth.__file__, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()
@@ -296,11 +296,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m cosmicai.models.train", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m cosmicai.training", description=__doc__.splitlines()[0])
     add_arguments(p)
     argv = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(argv)
-    args.command_line = " ".join(["python -m cosmicai.models.train", *argv])
+    args.command_line = " ".join(["python -m cosmicai.training", *argv])
     return run(args)
 
 

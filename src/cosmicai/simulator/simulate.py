@@ -25,11 +25,11 @@ import numpy as np
 
 # the Lambda / Step Functions service limits the model obeys
 from ..backends.aws.limits import (LAMBDA_ACCOUNT_CONCURRENCY, LAMBDA_BURST_INTERVAL_S, LAMBDA_BURST_STEP,
-                                   LAMBDA_TIMEOUT_S, MAP_MAX_CHILDREN, MAX_MEMORY_MB, MAX_VCPUS, MB_PER_VCPU,
+                                   MAP_MAX_CHILDREN, MAX_MEMORY_MB, MAX_VCPUS, MB_PER_VCPU,
                                    MIN_MEMORY_MB)
 from ..data.formats import LEGACY_SAMPLE_BYTES
 from ..errors import ConfigError
-from .cost import lambda_cost
+from ..analysis.cost import lambda_cost
 
 MIB = 1024**2
 
@@ -46,7 +46,7 @@ def lambda_vcpus(memory_mb: float) -> float:
 @dataclass(frozen=True)
 class Params:
     """Model parameters. The service limits are AWS's documented defaults; the rest are fitted on the
-    published CAI runs by ``python -m cosmicai.analysis.calibrate --fit`` (see docs/simulator.md)."""
+    published CAI runs by ``python -m cosmicai.simulator.calibrate --fit`` (see docs/simulator.md)."""
 
     # --- AWS service behaviour (documented quotas, not fitted)
     account_concurrency: int = LAMBDA_ACCOUNT_CONCURRENCY

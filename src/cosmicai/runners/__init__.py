@@ -1,0 +1,1 @@
+"""Runners: one run of a config, start to summary. ``pipeline`` runs plan -> Backend.map(run_task) -> summarize on a backend (local, Dask); ``stepfunctions`` starts a named execution of the deployed state machine, follows it and fetches the summary. The CLI (`cai run`, `cai aws run`), experiments and the Python API call these."""
