@@ -3,7 +3,7 @@
 
     python benchmarks/cold_start.py [--worker-python PY | --worker-venv DIR] [--full-python PY]
                                     [--modes exact fast] [--repeats 5] [--threads 2] [--partition-mb 100]
-                                    [--json out.json] [--profile-out src/cosmicai/analysis/worker_profile.json]
+                                    [--json out.json] [--profile-out src/cosmicai/simulator/worker_profile.json]
 
 Without ``--worker-python`` a worker venv is made (once) at ``--worker-venv`` (default /tmp/cai-worker-venv) with
 ``pip install '.[worker]' -c requirements/constraints.txt``. Each sample is a new process (``python -c``):

@@ -56,7 +56,7 @@ def main() -> None:
     from cosmicai.backends.local import LocalBackend
     from cosmicai.config import RunConfig
     from cosmicai.pipeline import infer
-    from cosmicai.pipeline.run import run
+    from cosmicai.runners.pipeline import run
 
     threads = args.threads or os.cpu_count() or 1
     tmp = tempfile.mkdtemp(prefix="cai-overhead-")
