@@ -56,6 +56,10 @@ def test_state_machine_logs_and_distinct_samples(bench_root):
     assert [(r["size"], r["rows"], r["distinct_samples"]) for r in report["runs"]] == [
         ("0.5MB", 26, 26), ("0.5MB", 26, 26), ("0.5MB", 26, 26), ("1MB", 52, 48)]
     assert all(r["complete"] for r in report["runs"])
+    # each distinct configuration runs once: the batch sweep's 64 at 0.5MB is the data-size sweep's run
+    base = str(bench_root / "result-partition-0.25MB")
+    assert [r["same_as"] for r in report["runs"]] == [None, None, f"{base}/0.5MB/1", None]
+    assert logs[3][6:] == logs[1][6:]  # its log row repeats that run's measured durations
 
 
 def test_stats_on_our_tree(bench_root):

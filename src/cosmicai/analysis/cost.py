@@ -17,6 +17,7 @@ from .. import sizes
 from ..backends.aws.limits import FREE_EPHEMERAL_MB
 from ..backends.aws.logs import Report, parse_reports
 from ..errors import ConfigError, DataError
+from ..results import COMBINED_NAME
 
 #: Per-architecture list prices (USD): per GB-second of compute, per request, per GB-second of
 #: ephemeral storage above the free 512 MB.
@@ -116,7 +117,7 @@ def record_seconds(record: dict[str, Any], source: str = "record") -> float:
 
 def cost_from_records(records: Iterable[dict[str, Any]], memory_mb: float, arch: str = "x86_64",
                       ephemeral_mb: float = FREE_EPHEMERAL_MB, prices: dict[str, float] | None = None,
-                      source: str = "combined_data.json") -> dict[str, Any]:
+                      source: str = COMBINED_NAME) -> dict[str, Any]:
     """Cost of a finished run: one request per record, each billed its wall time rounded up to 1 ms."""
     durations = []
     for i, rec in enumerate(records):

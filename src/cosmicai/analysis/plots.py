@@ -17,6 +17,7 @@ import numpy as np
 
 from .. import storage
 from ..errors import DataError
+from ..results import COMBINED_NAME, PREDICTIONS_NAME, SUMMARY_NAME
 from . import stats
 
 PHASE_COLORS = {"model_load": "#7f7f7f", "fetch": "#1f77b4", "decode": "#ff7f0e", "inference": "#2ca02c",
@@ -51,7 +52,7 @@ def _mean_sd(values: list[float]) -> tuple[float, float]:
 
 
 def _map_seconds(run: stats.RunStats) -> float | None:
-    url = storage.join(run.path, "summary.json")
+    url = storage.join(run.path, SUMMARY_NAME)
     if not storage.exists(url):
         return None
     return stats.stage_durations(storage.read_json(url))[1]
@@ -191,7 +192,7 @@ def plot_predictions(run_url: str, out: str) -> list[str]:
 
     from ..pipeline.metrics import redshift_metrics
 
-    url = storage.join(run_url, "predictions.parquet")
+    url = storage.join(run_url, PREDICTIONS_NAME)
     if not storage.exists(url):
         raise DataError(f"{run_url}: no predictions.parquet (run `cai run` to completion first)")
     table = pq.read_table(io.BytesIO(storage.read_bytes(url)))
@@ -235,7 +236,7 @@ def plot_timeline(run_url: str, out: str) -> list[str]:
     The records hold phase totals, not per-phase timestamps: within a rank's bar the phases are drawn end to
     end in their own lengths (fetch/decode overlap inference when prefetching, so they may exceed the span).
     """
-    records = storage.read_json(storage.join(run_url, "combined_data.json"))
+    records = storage.read_json(storage.join(run_url, COMBINED_NAME))
     if not isinstance(records, list) or not records:
         raise DataError(f"{run_url}/combined_data.json: expected a non-empty list of per-rank records")
     rows = []
@@ -275,7 +276,7 @@ def plot_timeline(run_url: str, out: str) -> list[str]:
 
 def plot(target: str, out: str) -> list[str]:
     """Every figure ``target`` supports: a single run (has combined_data.json) or a tree of runs."""
-    if storage.exists(storage.join(target, "combined_data.json")):
+    if storage.exists(storage.join(target, COMBINED_NAME)):
         files = []
         errors = []
         for fn in (plot_predictions, plot_timeline):

@@ -28,6 +28,7 @@ import numpy as np
 
 from .. import storage
 from ..errors import DataError
+from ..results import BATCHES_DIR, COMBINED_NAME, PARTITION_DIR, RUN_DIR, SIZE_DIR, SUMMARY_NAME
 
 CPU_TIME = "total_cpu_time (seconds)"
 CPU_MEMORY = "total_cpu_memory (MB)"
@@ -40,11 +41,8 @@ LOG_COLUMNS = ["partition (MB)", "data (GB)", "batch_size", "batch_varying", "ru
 ADJUSTED_EXTRA = ["num_worlds", "total_duration (s)", "inference_duration (s)"]
 BITS_PER_GIB = 8 * 1024**3
 
-_UNIT = r"(\d+(?:\.\d+)?)(KB|MB|GB|TB)"
-_PARTITION_DIR = re.compile(rf"result-partition-{_UNIT}$")
-_SIZE_DIR = re.compile(rf"(?:total)?{_UNIT}$|total$")
+_PARTITION_DIR, _SIZE_DIR, _RUN_DIR = PARTITION_DIR, SIZE_DIR, RUN_DIR  # the experiment tree (results.py)
 _TO_MB = {"KB": 1 / 1024, "MB": 1.0, "GB": 1024.0, "TB": 1024.0**2}
-_RUN_DIR = re.compile(r"(?:run[ _-]?)?(\d+)$")
 
 
 @dataclass
@@ -83,7 +81,7 @@ def _number(rec: dict[str, Any], key: str, source: str) -> float:
     return float(value)
 
 
-def aggregate_records(records: list[dict[str, Any]], source: str = "combined_data.json") -> dict[str, float]:
+def aggregate_records(records: list[dict[str, Any]], source: str = COMBINED_NAME) -> dict[str, float]:
     """The original's per-run aggregate of per-rank records (see the module docstring)."""
     if not isinstance(records, list) or not records:
         raise DataError(f"{source}: expected a non-empty list of per-rank records")
@@ -113,7 +111,7 @@ def _classify(rel_parts: list[str]) -> tuple[float, str, int | None, str] | None
         rest = rel_parts[i + 1:]
         if len(rest) == 2 and _SIZE_DIR.match(rest[0]) and _RUN_DIR.match(rest[1]):
             return _mb(m), rest[0], None, _RUN_DIR.match(rest[1]).group(1)
-        if (len(rest) == 4 and _SIZE_DIR.match(rest[0]) and rest[1].lower() == "batches"
+        if (len(rest) == 4 and _SIZE_DIR.match(rest[0]) and rest[1].lower() == BATCHES_DIR
                 and rest[2].isdigit() and _RUN_DIR.match(rest[3])):
             return _mb(m), rest[0], int(rest[2]), _RUN_DIR.match(rest[3]).group(1)
     return None
@@ -122,7 +120,7 @@ def _classify(rel_parts: list[str]) -> tuple[float, str, int | None, str] | None
 def classify_url(url: str) -> tuple[float, str, int | None, str] | None:
     """Where a run's ``.../combined_data.json`` (or run folder) sits in an original-style tree, or None."""
     parts = url.rstrip("/").split("/")
-    if parts[-1] == "combined_data.json":
+    if parts[-1] == COMBINED_NAME:
         parts = parts[:-1]
     for start in range(len(parts) - 1, -1, -1):  # the innermost result-partition-* folder wins
         if _PARTITION_DIR.match(parts[start]):
@@ -132,7 +130,7 @@ def classify_url(url: str) -> tuple[float, str, int | None, str] | None:
 
 def find_runs(root: str) -> list[RunStats]:
     """Every run under ``root`` laid out like the original's, aggregated; DataError if there is none."""
-    files = storage.list_files(root, suffixes="combined_data.json", recursive=True)
+    files = storage.list_files(root, suffixes=COMBINED_NAME, recursive=True)
     runs = []
     for url in files:
         where = classify_url(url)
@@ -373,7 +371,7 @@ def _logs_from_summaries(runs: list[RunStats]) -> list[dict[str, Any]]:
     """state_machine_logs-style rows for our runs (those with a summary.json)."""
     out = []
     for r in runs:
-        url = storage.join(r.path, "summary.json")
+        url = storage.join(r.path, SUMMARY_NAME)
         if not storage.exists(url):
             continue
         total, map_s = stage_durations(storage.read_json(url))
@@ -416,8 +414,8 @@ def cai_run_row(run_url: str, memory_mb: float = 10_240) -> list[str]:
     """
     from .cost import cost_from_records
 
-    summary = storage.read_json(storage.join(run_url, "summary.json"))
-    records = storage.read_json(storage.join(run_url, "combined_data.json"))
+    summary = storage.read_json(storage.join(run_url, SUMMARY_NAME))
+    records = storage.read_json(storage.join(run_url, COMBINED_NAME))
     where = classify_url(run_url) or (None, "", None, "")
     partition_mb, size_label, batch, run = where
     data_gb = ""
@@ -428,7 +426,7 @@ def cai_run_row(run_url: str, memory_mb: float = 10_240) -> list[str]:
     rows = summary.get("rows")
     phases = summary.get("phases_total_s") or {}
     comp = summary.get("completeness") or {}
-    cost = cost_from_records(records, memory_mb, source=storage.join(run_url, "combined_data.json")) \
+    cost = cost_from_records(records, memory_mb, source=storage.join(run_url, COMBINED_NAME)) \
         if records else None
     distinct = distinct_samples(summary.get("data_url"))
     if distinct is None and rows is not None:
@@ -447,9 +445,9 @@ def cai_run_row(run_url: str, memory_mb: float = 10_240) -> list[str]:
 
 def write_cai_runs(root: str, out: str, memory_mb: float = 10_240) -> str | None:
     """Write ``cai_runs.csv`` for every run of ours (a folder with summary.json) under ``root``; None if none."""
-    urls = storage.list_files(root, suffixes="summary.json", recursive=True)
+    urls = storage.list_files(root, suffixes=SUMMARY_NAME, recursive=True)
     runs = [u.rsplit("/", 1)[0] for u in urls if u.endswith("/summary.json")]
-    runs = [u for u in runs if storage.exists(storage.join(u, "combined_data.json"))]
+    runs = [u for u in runs if storage.exists(storage.join(u, COMBINED_NAME))]
     if not runs:
         return None
     rows = [cai_run_row(u, memory_mb) for u in runs]

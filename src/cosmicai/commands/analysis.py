@@ -125,6 +125,7 @@ def _memory_mb(text: str) -> float:
 
 def cmd_stats(args: argparse.Namespace) -> int:
     from .. import storage
+    from ..results import COMBINED_NAME
     from ..analysis import stats
     from ..sizes import parse_size
 
@@ -137,7 +138,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
         group = (parse_size(p, "mb", what="--batch-group") / 1024**2,
                  parse_size(d, "gb", what="--batch-group") / 1024**3)
     written: list[str] = []
-    tree = storage.list_files(args.root, suffixes="combined_data.json", recursive=True)
+    tree = storage.list_files(args.root, suffixes=COMBINED_NAME, recursive=True)
     if any(stats.classify_url(u) for u in tree):
         info = stats.write_tables(args.root, out, batch_group=group, logs_url=args.logs)
         written += info["files"]
@@ -170,6 +171,7 @@ def cmd_cost(args: argparse.Namespace) -> int:
     from .. import sizes, storage
     from ..analysis import cost
     from ..data.formats import NATIVE_SAMPLE_BYTES
+    from ..results import COMBINED_NAME
 
     memory = _memory_mb(args.memory)
     prices = _prices(args)
@@ -179,8 +181,8 @@ def cmd_cost(args: argparse.Namespace) -> int:
         if args.data_size or args.partition_size:
             raise ConfigError("give either a run/log SOURCE or the what-if options (--data-size ...), not both")
         src = args.source
-        if not src.endswith(".json") and storage.exists(storage.join(src, "combined_data.json")):
-            src = storage.join(src, "combined_data.json")
+        if not src.endswith(".json") and storage.exists(storage.join(src, COMBINED_NAME)):
+            src = storage.join(src, COMBINED_NAME)
         if src.endswith(".json"):
             records = storage.read_json(src)
             if not isinstance(records, list):

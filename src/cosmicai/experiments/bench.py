@@ -6,7 +6,9 @@ smallest S) every batch size b goes to ``ROOT/result-partition-<P>/<S>/Batches/<
 stage wall times are appended to ``ROOT/state_machine_logs.csv`` (the original's columns), so ``cai stats``
 and ``cai plot`` work on ROOT directly. Datasets of each size are resampled from ``--data``
 (:mod:`cosmicai.data.resample`) under ``ROOT/datasets/<P>/<S>/``; ``ROOT/bench.json`` lists every run with
-the distinct samples it used.
+the distinct samples it used. The grid runs each distinct configuration once: a batch-sweep cell identical to a
+data-size-sweep cell (same P, S, batch size and run) gets a copy of that run's summary and records, marked
+``same_as`` in bench.json, instead of a second run.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any, Callable, Sequence
 
 from .. import storage
 from ..errors import ConfigError
+from ..results import COMBINED_NAME, SUMMARY_NAME
 from ..sizes import UNITS, parse_size
 from ..analysis.stats import LOG_COLUMNS
 
@@ -194,25 +197,33 @@ def bench(spec: BenchSpec, log: Callable[[str], None] = print) -> dict[str, Any]
                 grid = [(None, sweep_batch)]
                 if s == batch_data:
                     grid += [(b, b) for b in spec.batch_sizes]
+                ran: dict[tuple[int, int], str] = {}  # (batch, run) -> result already computed at this p/s
                 for varying, batch in grid:
                     for run in range(1, spec.runs + 1):
                         sub = [f"result-partition-{p}", s] + (["Batches", str(varying)] if varying else []) + [str(run)]
                         result = storage.join(spec.out, *sub)
-                        cfg, _ = load_config(None, data=ds_url, result=result, model=spec.model, weights=spec.weights,
-                                             batch_size=batch, mode=spec.run_mode, device=spec.device,
-                                             backend=spec.backend if spec.backend != "aws" else "local",
-                                             workers=spec.workers, threads=spec.threads, overwrite=True)
-                        summary = runner(cfg)
+                        same_as = ran.get((batch, run))
+                        if same_as is None:
+                            cfg, _ = load_config(None, data=ds_url, result=result, model=spec.model,
+                                                 weights=spec.weights, batch_size=batch, mode=spec.run_mode,
+                                                 device=spec.device,
+                                                 backend=spec.backend if spec.backend != "aws" else "local",
+                                                 workers=spec.workers, threads=spec.threads, overwrite=True)
+                            summary = runner(cfg)
+                            ran[(batch, run)] = result
+                        else:  # the identical configuration already ran: its files stand for this cell too
+                            summary = _copy_run(same_as, result)
                         _append_log(log_url, _log_row(p, s, batch, varying is not None, run, summary))
                         entry = {"result": result, "partition": p, "size": s, "batch_size": batch,
-                                 "batch_varying": varying is not None, "run": run,
+                                 "batch_varying": varying is not None, "run": run, "same_as": same_as,
                                  "ranks": summary.get("world_size"), "rows": summary.get("rows"),
                                  "distinct_samples": info.distinct_samples, "map_wall_s": summary.get("map_wall_s"),
                                  "throughput_bps": summary.get("throughput_bps"),
                                  "complete": (summary.get("completeness") or {}).get("complete")}
                         done.append(entry)
                         log(f"  {'/'.join(sub)}: {entry['rows']} rows ({info.distinct_samples} distinct), map "
-                            f"{_f(entry['map_wall_s'])} s, {_f((entry['throughput_bps'] or 0) / 1e6)} Mbit/s")
+                            f"{_f(entry['map_wall_s'])} s, {_f((entry['throughput_bps'] or 0) / 1e6)} Mbit/s"
+                            + (f" (same configuration as {same_as}: not run again)" if same_as else ""))
     finally:
         close()
     report = {"data": spec.data, "backend": spec.backend, "model": spec.model, "sweep_batch": sweep_batch,
@@ -220,6 +231,13 @@ def bench(spec: BenchSpec, log: Callable[[str], None] = print) -> dict[str, Any]
               "runs": done, "wall_s": time.perf_counter() - t_all}
     storage.write_json(storage.join(spec.out, "bench.json"), report)
     return report
+
+
+def _copy_run(src: str, dst: str) -> dict[str, Any]:
+    """Copy a finished run's summary and combined records (what the tables read) to ``dst``; returns the summary."""
+    for name in (SUMMARY_NAME, COMBINED_NAME):
+        storage.write_bytes(storage.join(dst, name), storage.read_bytes(storage.join(src, name)))
+    return storage.read_json(storage.join(dst, SUMMARY_NAME))
 
 
 def _f(x: Any) -> str:

@@ -146,8 +146,9 @@ def upload_dataset(local_dir: str, data_url: str) -> int:
 def read_summary(result_url: str) -> dict[str, Any] | None:
     """The run's summary.json, or None when Summarize did not write one."""
     from ... import storage
+    from ...results import SUMMARY_NAME
 
     try:
-        return storage.read_json(storage.join(result_url, "summary.json"))
+        return storage.read_json(storage.join(result_url, SUMMARY_NAME))
     except StorageError:
         return None
