@@ -113,6 +113,11 @@ def _run_aws(values: dict[str, Any], report: bool) -> RunResult:
         from .runners.pipeline import format_report
 
         print(format_report(execution.summary))
+    complete = (execution.summary.get("completeness") or {}).get("complete")
+    if not complete and not values.get("allow_failures"):
+        from .pipeline.summarize import incomplete_message
+
+        raise IncompleteRunError(incomplete_message(execution.summary))
     return RunResult(execution.result_url, execution.summary, execution.arn)
 
 
