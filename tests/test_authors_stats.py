@@ -13,8 +13,8 @@ decimals float, ``True``/``False`` bool, anything else text), inner merges on eq
 ``round(2)`` and ``to_csv``'s numbers (an int column joined with float means becomes float: ``41.0``). Their
 constants (partitions 25..100 MB, the batch sweep at 25 MB / 1 GB, the sweep batch 512) are parameters with
 their values as defaults, so the small tree can use tiny sizes, and the paths are arguments (they read
-``./result-partition-*`` and ``./results/state_machine_logs.csv`` and write into ``./results``; ``cai bench``
-writes its log to ``ROOT/state_machine_logs.csv``). The folder layout, the size parsing
+``./result-partition-*`` and ``./results/state_machine_logs.csv`` and write into ``./results``, which is
+where ``cai bench`` writes its log: their script runs from a bench ROOT as it is). The folder layout, the size parsing
 (``float(label.replace('GB', ''))``, ``total`` = 12.6), the ``round(2)`` of every column (sizes included), the
 column names and the merge keys are theirs.
 ``test_the_rewrite_reproduces_the_published_tables`` checks the rewrite against their published outputs.
@@ -242,7 +242,7 @@ def bench_tree(tiny_dataset, tmp_path_factory) -> Path:
 def test_the_authors_stats_on_a_bench_tree(bench_tree, tmp_path):
     results = tmp_path / "results"
     results.mkdir()
-    logs_csv = bench_tree / "state_machine_logs.csv"
+    logs_csv = bench_tree / "results" / "state_machine_logs.csv"  # where their script reads it, run from ROOT
     header, *log_rows = _rows(logs_csv)
     ranks = {(r["size"], r["batch_size"], r["batch_varying"], str(r["run"])): r["ranks"]
              for r in json.loads((bench_tree / "bench.json").read_text())["runs"]}

@@ -44,7 +44,7 @@ def test_layout_like_the_original(bench_root):
 
 
 def test_state_machine_logs_and_distinct_samples(bench_root):
-    logs = _rows(bench_root / "state_machine_logs.csv")
+    logs = _rows(bench_root / "results" / "state_machine_logs.csv")
     assert logs[0] == LOG_COLUMNS
     assert [(r[0], r[2], r[3], r[4], r[5]) for r in logs[1:]] == [
         ("0.25", "64", "False", "1", "3"), ("0.25", "32", "True", "1", "3"), ("0.25", "64", "True", "1", "3"),

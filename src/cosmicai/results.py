@@ -17,6 +17,7 @@ An experiment tree (``cai bench``, and the original's ``aws/stats.py`` layout)::
 
     <root>/result-partition-<P>MB/<size>/<run>/                      data-size sweep
     <root>/result-partition-<P>MB/<size>/batches/<batch>/<run>/      batch sweep
+    <root>/results/state_machine_logs.csv                           stage durations of every run
 """
 
 from __future__ import annotations
@@ -60,6 +61,9 @@ PARTITION_DIR = re.compile(rf"result-partition-{SIZE_UNIT}$")
 SIZE_DIR = re.compile(rf"(?:total)?{SIZE_UNIT}$|total$")
 RUN_DIR = re.compile(r"(?:run[ _-]?)?(\d+)$")
 BATCHES_DIR = "batches"
+#: The experiment's stage durations, where the original's ``aws/stats.py`` reads them (run from ROOT).
+LOGS_NAME = "state_machine_logs.csv"
+LOGS_DIR = "results"
 
 
 _OriginalRecord = TypedDict("_OriginalRecord", {

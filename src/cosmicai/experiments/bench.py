@@ -3,7 +3,8 @@
 For every partition size P and data size S, ``runs`` runs at the sweep batch size go to
 ``ROOT/result-partition-<P>/<S>/<run>/``; for the batch-size sweep (data size ``batch_data``, default the
 smallest S) every batch size b goes to ``ROOT/result-partition-<P>/<S>/Batches/<b>/<run>/``. Each run's
-stage wall times are appended to ``ROOT/state_machine_logs.csv`` (the original's columns), so ``cai stats``
+stage wall times are appended to ``ROOT/results/state_machine_logs.csv`` (the original's columns and place: its
+``aws/stats.py`` runs unchanged from ROOT), so ``cai stats``
 and ``cai plot`` work on ROOT directly. Datasets of each size are resampled from ``--data``
 (:mod:`cosmicai.data.resample`) under ``ROOT/datasets/<P>/<S>/``; ``ROOT/bench.json`` lists every run with
 the distinct samples it used. The grid runs each distinct configuration once: a batch-sweep cell identical to a
@@ -23,7 +24,7 @@ from typing import Any, Callable, Sequence
 
 from .. import storage
 from ..errors import ConfigError
-from ..results import COMBINED_NAME, SUMMARY_NAME
+from ..results import COMBINED_NAME, LOGS_DIR, LOGS_NAME, SUMMARY_NAME
 from ..sizes import UNITS, parse_size
 from ..analysis.stats import LOG_COLUMNS
 
@@ -180,7 +181,7 @@ def bench(spec: BenchSpec, log: Callable[[str], None] = print) -> dict[str, Any]
     parts = [size_label(p) for p in spec.partitions]
     sweep_batch = spec.sweep_batch or max(spec.batch_sizes)
     batch_data = size_label(spec.batch_data) if spec.batch_data else min(sizes, key=lambda s: parse_size(s, "mb"))
-    log_url = storage.join(spec.out, "state_machine_logs.csv")
+    log_url = storage.join(spec.out, LOGS_DIR, LOGS_NAME)
     storage.remove(log_url)
     runner, close = _runner(spec)
     done: list[dict[str, Any]] = []
