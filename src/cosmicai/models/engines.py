@@ -9,16 +9,30 @@ BUILTIN = ("astromae-demo", "astromae", "astromae-random")
 ENGINES = ("auto", "torch", "onnxruntime")
 
 
+def requested_engine(engine: str | None = None) -> str:
+    """The engine asked for: ``engine``, else ``$CAI_ENGINE``, else ``auto``."""
+    import os
+
+    return engine or os.environ.get("CAI_ENGINE") or "auto"
+
+
+def compile_requested(compile: bool | None = None) -> bool:
+    """Whether torch.compile is asked for: ``compile``, else ``$CAI_COMPILE`` (set and not 0/false/no)."""
+    import os
+
+    if compile is not None:
+        return bool(compile)
+    return os.environ.get("CAI_COMPILE", "") not in ("", "0", "false", "no")
+
+
 def resolve_engine(engine: str | None, device_type: str, is_astromae: bool = True, compile: bool = False,
                    model_kind: str = "AstroMAE") -> str:
     """The engine (``torch`` or ``onnxruntime``) for ``engine`` (default ``$CAI_ENGINE`` or ``auto``) on
     ``device_type``; an unknown or impossible choice raises ModelError. Needs no torch."""
-    import os
-
     from ..errors import ModelError
     from .ort_engine import available
 
-    engine = engine or os.environ.get("CAI_ENGINE") or "auto"
+    engine = requested_engine(engine)
     if engine not in ENGINES:
         raise ModelError(f"engine '{engine}' is not known; choose one of {', '.join(ENGINES)}")
     if engine == "torch":

@@ -20,7 +20,6 @@ every alternative measured.
 from __future__ import annotations
 
 import copy
-import os
 import warnings
 from collections.abc import Callable
 
@@ -29,7 +28,7 @@ from torch import nn
 
 from ..errors import ModelError
 from . import folding
-from .engines import resolve_engine
+from .engines import compile_requested, requested_engine, resolve_engine
 from .astromae import AstroMAE, ConvBlock
 
 
@@ -110,9 +109,8 @@ def prepare(model: nn.Module, mode: str, device: torch.device, compile: bool | N
 
     The torch runner maps tensors ``(images, magnitudes) -> redshift``; the ONNX Runtime runner maps float32
     numpy arrays and runs on ``threads`` streams."""
-    if compile is None:
-        compile = os.environ.get("CAI_COMPILE", "") not in ("", "0", "false", "no")
-    requested = engine or os.environ.get("CAI_ENGINE") or "auto"
+    compile = compile_requested(compile)
+    requested = requested_engine(engine)
     chosen = choose_engine(model, device, requested, compile)
     if chosen == "onnxruntime":
         from .ort_engine import runner_for_weights
