@@ -30,8 +30,7 @@ from torch import nn
 
 from ..errors import ModelError, UnsafePickleError
 from .weights_io import USE_WEIGHTS as _USE
-from .weights_io import InputNorm, file_kind, refuse_kind
-from .weights_torch import load_safetensors
+from .weights_io import InputNorm, file_kind, load_safetensors, refuse_kind
 
 #: The original model's own classes, and timm 0.4.12 classes it contains (module -> class names).
 ORIGINAL_CLASSES: dict[str, set[str]] = {
@@ -359,7 +358,7 @@ def read_checkpoint(data: bytes, source: str = "weights"
     refuse_kind(kind, data, source)
     net = build_astromae()
     if kind == "safetensors":
-        tensors, meta = load_safetensors(data, source)
+        tensors, meta = load_safetensors(data, source, framework="torch")
         state, report = map_state_dict(tensors, net, source)
         return state, InputNorm.from_json(meta.get(NORM_KEY), source), report
     try:

@@ -28,8 +28,8 @@ import numpy as np
 
 from ..config import MODES
 from ..errors import ModelError
-from .engines import BUILTIN, resolve_engine
-from .weights_io import NORM_KEY, InputNorm, as_numpy_f32, file_kind, load_safetensors_numpy, refuse_kind
+from .engines import BUILTIN, compile_requested, requested_engine, resolve_engine
+from .weights_io import NORM_KEY, InputNorm, as_numpy_f32, file_kind, load_safetensors, refuse_kind
 
 if TYPE_CHECKING:
     import torch
@@ -278,16 +278,14 @@ def read_weights_numpy(data: bytes, source: str = "weights") -> tuple[dict[str, 
     kind = file_kind(data)
     refuse_kind(kind, data, source)
     if kind == "safetensors":
-        tensors, meta = load_safetensors_numpy(data, source)
+        tensors, meta = load_safetensors(data, source)
         if set(tensors) == set(shipped_template().state_shapes):
             return tensors, InputNorm.from_json(meta.get(NORM_KEY), source)
-    try:
-        import torch  # noqa: F401
-    except ImportError:
+    if not _has_torch():
         what = "safetensors weights in another naming" if kind == "safetensors" else "a torch checkpoint"
         raise ModelError(f"{source}: {what}; reading it needs torch, which this install does not have (convert "
                          "it once where torch is installed with `cai model import-cai`, which writes the "
-                         "safetensors a worker reads)") from None
+                         "safetensors a worker reads)")
     from .convert import state_from_bytes
 
     state, norm = state_from_bytes(data, source)
@@ -330,9 +328,8 @@ def load_model(name: str = DEMO_NAME, weights: str | None = None, device: str = 
         raise ModelError(f"mode '{mode}' is not known; choose one of {', '.join(MODES)}")
     device = resolve_device(device)
     threads = set_threads(threads)
-    if compile is None:
-        compile = os.environ.get("CAI_COMPILE", "") not in ("", "0", "false", "no")
-    requested = engine or os.environ.get("CAI_ENGINE") or "auto"
+    compile = compile_requested(compile)
+    requested = requested_engine(engine)
     chosen = resolve_engine(requested, device.split(":")[0], True, compile)
     if name == "astromae-random":
         from .astromae import build_astromae

@@ -63,10 +63,13 @@ def read_safetensors_metadata(data: bytes, source: str = "weights") -> dict[str,
     return dict(header.get("__metadata__") or {})
 
 
-def load_safetensors_numpy(data: bytes, source: str = "weights") -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Tensors (numpy) and metadata of a safetensors blob; a corrupt blob raises ModelError naming ``source``."""
-    from safetensors.numpy import load
+def load_safetensors(data: bytes, source: str = "weights", framework: str = "numpy"
+                     ) -> tuple[dict[str, Any], dict[str, str]]:
+    """Tensors and metadata of a safetensors blob, as numpy arrays (``framework="numpy"``) or torch tensors
+    (``"torch"``); a corrupt blob raises ModelError naming ``source``."""
+    import importlib
 
+    load = importlib.import_module(f"safetensors.{framework}").load
     meta = read_safetensors_metadata(data, source)
     try:
         tensors = load(data)

@@ -8,8 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ModelError
-from .weights_io import NORM_KEY, InputNorm, check_state, read_safetensors_metadata
+from .weights_io import NORM_KEY, InputNorm, check_state
 
 
 class Normalized(nn.Module):
@@ -49,18 +48,6 @@ class Normalized(nn.Module):
             return self.net.regress(features, magnitudes)
         out = self.net.regress(features, (magnitudes - self.mag_off) * self.mag_inv)
         return out * self.out_scale + self.out_offset
-
-
-def load_safetensors(data: bytes, source: str = "weights") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and metadata of a safetensors blob; a corrupt blob raises ModelError naming ``source``."""
-    from safetensors.torch import load
-
-    meta = read_safetensors_metadata(data, source)
-    try:
-        tensors = load(data)
-    except Exception as exc:  # safetensors raises its own SafetensorError
-        raise ModelError(f"{source}: cannot read safetensors weights: {exc}") from exc
-    return tensors, meta
 
 
 def save_weights(state: dict[str, torch.Tensor], norm: InputNorm | None = None, dtype: torch.dtype | None = None,
