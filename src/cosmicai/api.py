@@ -121,9 +121,6 @@ def _run_aws(values: dict[str, Any], report: bool) -> RunResult:
     return RunResult(execution.result_url, execution.summary, execution.arn)
 
 
-_PREDICTORS: dict[tuple, Any] = {}
-
-
 def load_model(name: str = "astromae-demo", weights: str | None = None, **kwargs: Any):
     """A loaded model (``predict(images, magnitudes, batch_size)``); see ``cosmicai.models.registry.load_model``."""
     from .models.registry import load_model as _load
@@ -135,9 +132,9 @@ def predict(images: Any, magnitudes: Any, *, model: str = "astromae-demo", weigh
             mode: str = "exact", device: str = "cpu", batch_size: int = 512, threads: int | None = None
             ) -> np.ndarray:
     """Redshifts (float32, one per row; NaN for rows with non-finite inputs) for raw images [N, 5, 32, 32] and
-    magnitudes [N, 5] already in memory. The model is loaded once per (model, weights, mode, device, threads)."""
-    key = (model, weights, mode, device, threads)
-    predictor = _PREDICTORS.get(key)
-    if predictor is None:
-        predictor = _PREDICTORS[key] = load_model(model, weights, mode=mode, device=device, threads=threads)
+    magnitudes [N, 5] already in memory. The model is loaded once per process and (model, weights, mode, device,
+    threads), in the pipeline's model cache."""
+    from .pipeline.infer import get_model
+
+    predictor = get_model(model, weights, device, mode, threads=threads)[0]
     return predictor.predict(images, magnitudes, batch_size=batch_size)

@@ -54,22 +54,24 @@ def worker_threads() -> int | None:
     return _WORKER_THREADS
 
 
-def _model_key(model: str, weights: str | None, device: str, mode: str) -> tuple:
-    return (model, weights, device, mode, _WORKER_THREADS)
+def _model_key(model: str, weights: str | None, device: str, mode: str, threads: int | None = None) -> tuple:
+    return (model, weights, device, mode, _WORKER_THREADS if threads is None else threads)
 
 
-def get_model(model: str, weights: str | None, device: str, mode: str, sha256: str | None = None
-              ) -> tuple[Any, bool, float]:
+def get_model(model: str, weights: str | None, device: str, mode: str, sha256: str | None = None,
+              threads: int | None = None) -> tuple[Any, bool, float]:
     """The cached predictor for this process: (predictor, loaded_now, load seconds). With ``sha256`` the weights
-    must still be the ones the plan recorded (a cached model of other weights is reloaded and checked)."""
-    key = _model_key(model, weights, device, mode)
+    must still be the ones the plan recorded (a cached model of other weights is reloaded and checked).
+    ``threads``: default the worker's (:func:`configure_worker`)."""
+    threads = _WORKER_THREADS if threads is None else threads
+    key = _model_key(model, weights, device, mode, threads)
     cached = _MODELS.get(key)
     if cached is not None and (sha256 is None or getattr(cached, "weights_sha256", None) in (None, sha256)):
         return cached, False, 0.0
     from ..models.registry import load_model
 
     t0 = time.perf_counter()
-    predictor = load_model(model, weights=weights, device=device, mode=mode, threads=_WORKER_THREADS, sha256=sha256)
+    predictor = load_model(model, weights=weights, device=device, mode=mode, threads=threads, sha256=sha256)
     _MODELS[key] = predictor
     return predictor, True, time.perf_counter() - t0
 
