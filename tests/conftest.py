@@ -98,6 +98,20 @@ def make_random_partition(n: int, seed: int = 0, first_id: int = 0, redshift: bo
                      redshift=rng.uniform(0, 0.4, n).astype(np.float32) if redshift else None)
 
 
+def corrupt_copy(dataset, dest, name: str = "part-000003.safetensors"):
+    """A copy of ``dataset`` in ``dest`` whose partition ``name`` has its last byte flipped (its sha256 no longer
+    matches the manifest, so reading it is a DataError); returns ``dest``."""
+    import shutil
+    from pathlib import Path
+
+    shutil.copytree(dataset, dest)
+    victim = Path(dest) / name
+    raw = bytearray(victim.read_bytes())
+    raw[-1] ^= 0xFF
+    victim.write_bytes(bytes(raw))
+    return dest
+
+
 def make_random_dataset(root, partitions: int, rows: int, seed: int = 0, description: str = "tests") -> str:
     """A native dataset of ``partitions`` random partitions of ``rows`` rows (ids 0..), with its manifest."""
     from cosmicai.data.formats import Manifest, PartitionEntry, encode_partition, sha256_hex, write_manifest

@@ -11,11 +11,11 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
 
 import pyarrow.parquet as pq
 import pytest
 
+from conftest import corrupt_copy
 from lambda_runner import LambdaEmulator, function_arn
 
 from cosmicai import storage
@@ -141,12 +141,7 @@ def test_run_matches_local_run_and_logs_price_every_invocation(stack, tiny_datas
 
 
 def test_failing_partition_is_retried_then_caught_and_named(stack, tiny_dataset, tmp_path, capsys):
-    data_dir = tmp_path / "data"
-    shutil.copytree(tiny_dataset, data_dir)
-    victim = data_dir / "part-000003.safetensors"
-    raw = bytearray(victim.read_bytes())
-    raw[-1] ^= 0xFF
-    victim.write_bytes(bytes(raw))
+    data_dir = corrupt_copy(tiny_dataset, tmp_path / "data")
     name = "tiny-corrupt"
     data, result = f"s3://{DATA_BUCKET}/{DATA_PREFIX}/corrupt", f"s3://{RESULT_BUCKET}/{RESULT_PREFIX}/{name}"
     before = len(stack.invocations)

@@ -4,11 +4,10 @@ for every partition and row, give the same predictions, and name a failed partit
 
 from __future__ import annotations
 
-import shutil
-
 import numpy as np
 import pytest
 
+from conftest import corrupt_copy
 from test_aws_e2e import DATA_BUCKET, DATA_PREFIX, MODEL, RESULT_BUCKET, RESULT_PREFIX, _state_machine, stack  # noqa: F401
 
 import cosmicai
@@ -63,12 +62,7 @@ def test_every_partition_and_row_comes_back_with_the_same_predictions(kind, tiny
 @pytest.mark.s3
 @pytest.mark.parametrize("kind", RUNNERS)
 def test_a_corrupt_partition_is_named_and_the_rest_kept(kind, tiny_dataset, request, tmp_path):
-    data_dir = tmp_path / "data"
-    shutil.copytree(tiny_dataset, data_dir)
-    victim = data_dir / "part-000003.safetensors"
-    raw = bytearray(victim.read_bytes())
-    raw[-1] ^= 0xFF
-    victim.write_bytes(bytes(raw))
+    data_dir = corrupt_copy(tiny_dataset, tmp_path / "data")
     with pytest.raises(IncompleteRunError, match=r"rank 2 failed \(DataError"):
         _run(kind, data_dir, f"bad-{kind}", request, tmp_path)
     out = _run(kind, data_dir, f"bad-allowed-{kind}", request, tmp_path, allow_failures=True)
