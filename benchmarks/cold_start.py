@@ -97,24 +97,21 @@ def _site_size_mb(python: str) -> float:
 
 
 def _make_data(folder: str, partition_mb: float) -> tuple[str, int]:
-    """One partition of ~``partition_mb`` MiB (20,524 bytes a galaxy, as the original's) of random galaxies."""
+    """One partition of ~``partition_mb`` MiB (the original's bytes a galaxy) of random galaxies, written by the
+    dataset writer (``data.split.write_dataset``: partition + manifest); returns its path and rows."""
     import numpy as np
 
-    from cosmicai.data.formats import Manifest, Partition, PartitionEntry, encode_partition, sha256_hex, write_manifest
+    from cosmicai.data.convert import Chunk
+    from cosmicai.data.formats import LEGACY_SAMPLE_BYTES, Partition
+    from cosmicai.data.split import partition_name, write_dataset
 
-    rows = int(partition_mb * 2**20 // 20_524)
+    rows = int(partition_mb * 2**20 // LEGACY_SAMPLE_BYTES)
     rng = np.random.default_rng(0)
     part = Partition(images=rng.gamma(2.0, 0.05, (rows, 5, 32, 32)).astype(np.float32),
                      magnitudes=rng.uniform(15, 23, (rows, 5)).astype(np.float32),
                      object_id=np.arange(rows, dtype=np.int64), redshift=rng.uniform(0, 0.4, rows).astype(np.float32))
-    data = encode_partition(part)
-    name = "part-000001.safetensors"
-    with open(os.path.join(folder, name), "wb") as fh:
-        fh.write(data)
-    write_manifest(folder, Manifest(partitions=[PartitionEntry(name=name, rows=rows, bytes=len(data),
-                                                               sha256=sha256_hex(data), first_row=0)],
-                                    has_redshift=True, description="cold-start benchmark"))
-    return os.path.join(folder, name), rows
+    write_dataset([Chunk("random", 0, part, True)], folder, rows, description="cold-start benchmark")
+    return os.path.join(folder, partition_name(1)), rows
 
 
 def _plan(data: str, result: str, mode: str, batch: int) -> None:
