@@ -8,10 +8,18 @@
     runs, ``CAI_S3_ENDPOINT``, ``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
     ``AWS_DEFAULT_REGION=us-east-1`` and the ``when_required`` checksum settings are set in ``os.environ``;
     they are restored at the end. Tests should write under their own prefix (see ``s3_url``).
-    A test that stops the server must start it again before it ends.
+    A test that stops the server must start it again before it ends. rclone ignores conditional writes,
+    so its environment also sets ``CAI_ALLOW_UNSAFE_LEASE=1`` (runs there accept an unprotected lease; a test
+    of the lease's refusal removes it).
 
 ``s3_url`` (function)
     ``s3://bucket/<unique prefix>`` on ``s3_server``, fresh for each test.
+
+``moto_s3`` (function; server per session)
+    moto's standalone S3 server on 127.0.0.1, the one that ENFORCES conditional writes (a second
+    ``If-None-Match: *`` put gets 412 PreconditionFailed; ``rclone serve s3`` accepts it). For the test's
+    duration its client environment replaces ``s3_server``'s in ``os.environ`` (fsspec's instance cache is
+    cleared on the way in and out). Yields the :class:`s3server.S3Server`; write under ``moto_s3.url(prefix)``.
 
 ``tiny_dataset`` (session)
     Path of a local native dataset: 4 partitions (``part-000001.safetensors`` ...) of 12 galaxies each,
@@ -63,6 +71,31 @@ def s3_server():
 def s3_url(s3_server) -> str:
     """A fresh ``s3://bucket/prefix`` for one test."""
     return s3_server.url(f"t-{uuid.uuid4().hex[:10]}")
+
+
+@pytest.fixture(scope="session")
+def _moto_server():
+    server = S3Server(kind="moto", bucket="cai-moto", set_env=False)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def moto_s3(_moto_server, monkeypatch):
+    """moto's S3 server (enforces If-None-Match / If-Match), its environment set for this test only."""
+    from s3server import _clear_fsspec_cache
+
+    # moto enforces conditional writes: the rclone session's acceptance of unprotected leases does not apply.
+    for key in ("AWS_SESSION_TOKEN", "AWS_PROFILE", "CAI_ALLOW_UNSAFE_LEASE"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in _moto_server.env().items():
+        monkeypatch.setenv(key, value)
+    _clear_fsspec_cache()
+    yield _moto_server
+    _clear_fsspec_cache()
 
 
 @pytest.fixture(scope="session")

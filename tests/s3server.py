@@ -91,8 +91,13 @@ class S3Server:
         return f"s3://{self.bucket}/{prefix}" if prefix else f"s3://{self.bucket}"
 
     def env(self) -> dict[str, str]:
-        """Environment a client needs to reach this server (boto3, s3fs and cosmicai.storage)."""
-        return {
+        """Environment a client needs to reach this server (boto3, s3fs and cosmicai.storage).
+
+        For rclone it also accepts the unsafe lease (``CAI_ALLOW_UNSAFE_LEASE=1``): ``rclone serve s3`` ignores
+        ``If-None-Match`` / ``If-Match``, so without it every run would be refused by the lease's probe. Tests
+        of the lease itself remove it (refusal) or use moto's server, which enforces the conditions.
+        """
+        env = {
             "CAI_S3_ENDPOINT": self.endpoint,
             "AWS_ENDPOINT_URL": self.endpoint,
             "AWS_ACCESS_KEY_ID": self.access_key,
@@ -104,6 +109,9 @@ class S3Server:
             "AWS_REQUEST_CHECKSUM_CALCULATION": "when_required",
             "AWS_EC2_METADATA_DISABLED": "true",
         }
+        if self.kind == "rclone":
+            env["CAI_ALLOW_UNSAFE_LEASE"] = "1"
+        return env
 
     def apply_env(self) -> None:
         """Set :meth:`env` in ``os.environ`` (saving the previous values for :meth:`restore_env`)."""
