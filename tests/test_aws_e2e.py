@@ -180,3 +180,34 @@ def test_python_api_runs_on_step_functions_like_cai_aws_run(stack, tiny_dataset)
     assert out.execution_arn == f"{arn.replace(':stateMachine:', ':execution:')}:{name}"
     assert sorted(out.predictions(["object_id"]).column("object_id").to_pylist()) == list(range(48))
     assert out.metrics == storage.read_json(f"{result}/summary.json")["metrics"]
+
+
+def test_crafted_events_get_a_one_line_lambda_error_and_write_nothing(stack, tiny_dataset):
+    """Invoked through the Lambda API (the runtime's error shape: FunctionError, errorType, errorMessage)."""
+    name = "tiny-crafted"
+    data, result = f"s3://{DATA_BUCKET}/{DATA_PREFIX}/crafted", f"s3://{RESULT_BUCKET}/{RESULT_PREFIX}/{name}"
+    for file in sorted(os.listdir(tiny_dataset)):
+        storage.write_bytes(f"{data}/{file}", open(os.path.join(tiny_dataset, file), "rb").read())
+    lam = stack.client("lambda")
+
+    def invoke(function, event):
+        resp = lam.invoke(FunctionName=function, Payload=json.dumps(event).encode())
+        return resp.get("FunctionError"), json.loads(resp["Payload"].read())
+
+    error, state = invoke("cai-initialize", {"config": {"data": data, "model": MODEL, "world_size": 2},
+                                             "execution_name": name})
+    assert error is None and state["result_url"] == result and state["num_tasks"] == 2
+    items = storage.read_json(f"{result}/tasks.json")
+    files = sorted(storage.list_files(result, recursive=True))
+    crafted = [dict(items[0], rank=7), None, "rank 0", dict(items[1], rank=1.0),
+               dict(items[0], task=dict(items[0]["task"], config=dict(items[0]["task"]["config"], model="os:system")))]
+    expected = ["rank 7 is not in the plan", "infer event must be a JSON object, got NoneType",
+                "infer event must be a JSON object, got str", "rank must be an integer >= 0, got 1.0",
+                "task.config.model: 'os:system' is not a model of this stack"]
+    for event, message in zip(crafted, expected):
+        error, payload = invoke("cai-infer", event)
+        assert error == "Unhandled" and payload["errorType"] == "ConfigError", payload
+        assert message in payload["errorMessage"] and "\n" not in payload["errorMessage"]
+    error, payload = invoke("cai-initialize", [data])
+    assert payload["errorType"] == "ConfigError" and "Initialize event must be a JSON object" in payload["errorMessage"]
+    assert sorted(storage.list_files(result, recursive=True)) == files

@@ -100,6 +100,7 @@ def test_initialize_refuses_locations_outside_the_stack(monkeypatch, tmp_path):
         handlers.initialize({"data": str(tmp_path), "result": str(tmp_path / "r")})
 
 
-def test_infer_event_must_name_result_and_rank():
-    with pytest.raises(ConfigError, match=r"infer event must be \{'result_url': URL, 'rank': int\}"):
+def test_infer_event_must_be_a_task_item():
+    with pytest.raises(ConfigError, match=r"infer event must be a task item of tasks.json \{'result_url': URL, "
+                                          r"'rank': int, 'plan_hash': str, 'task': object\}; missing result_url"):
         handlers.infer({"rank": 1})

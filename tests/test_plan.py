@@ -131,3 +131,43 @@ def test_replan_names_partitions_that_changed_since_planning(tiny_dataset, tmp_p
     shutil.copy(os.path.join(tiny_dataset, "part-000004.safetensors"), data)
     with pytest.raises(ConfigError, match=r"dataset changed .*new: \['part-000004.safetensors'\]"):
         make_plan(_cfg(str(data), result))
+
+
+def test_a_file_added_before_the_planned_ones_is_named_as_added(tiny_dataset, tmp_path):
+    import shutil
+
+    data = tmp_path / "listed"                      # no manifest; file_limit takes the first files in name order
+    data.mkdir()
+    for i in (1, 3, 4):
+        shutil.copy(os.path.join(tiny_dataset, f"part-00000{i}.safetensors"), data / f"{i}.safetensors")
+    result = str(tmp_path / "res")
+    plan = make_plan(_cfg(str(data), result, file_limit=2))
+    assert [p["name"] for p in plan.partitions] == ["1.safetensors", "3.safetensors"]
+    shutil.copy(os.path.join(tiny_dataset, "part-000002.safetensors"), data / "0.safetensors")
+    with pytest.raises(ConfigError) as err:
+        make_plan(_cfg(str(data), result, file_limit=2))
+    message = str(err.value)
+    assert message.startswith(f"{data}: partition(s) 0.safetensors were added to the dataset since {result} was "
+                              "planned and now come before planned partition(s) 3.safetensors (file_limit 2")
+    assert "missing" not in message and "\n" not in message
+    (data / "3.safetensors").unlink()               # a planned file really gone is still named as missing
+    with pytest.raises(DataError, match=r"partition\(s\) 3.safetensors planned in .* are missing from the dataset"):
+        make_plan(_cfg(str(data), result, file_limit=2))
+
+
+def test_task_digests_hold_one_line_per_rank(tiny_dataset, tmp_path):
+    from cosmicai.pipeline.plan import TASK_DIGESTS_NAME, stored_task_digest, task_digest, verify_task_item
+
+    result = str(tmp_path / "res")
+    plan = make_plan(_cfg(tiny_dataset, result, world_size=3))
+    items = json.loads((tmp_path / "res" / "tasks.json").read_text())
+    lines = (tmp_path / "res" / TASK_DIGESTS_NAME).read_text().splitlines()
+    assert lines == [task_digest(item) for item in items] and len(lines) == len(plan.ranks) == 3
+    assert [stored_task_digest(result, r) for r in range(4)] == lines + [None]
+    for item in items:
+        verify_task_item(item)
+    changed = dict(items[1], task=dict(items[1]["task"], world_size=4))
+    with pytest.raises(ConfigError, match="the task item for rank 1 differs from the one the plan wrote"):
+        verify_task_item(changed)
+    with pytest.raises(ConfigError, match=r"rank 3 is not in the plan \(ranks 0-2\)"):
+        verify_task_item(dict(items[0], rank=3))

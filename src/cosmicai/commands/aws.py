@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
-import os
 import sys
 import tempfile
 import time
-from typing import Any
+from typing import Any, Callable
 
 from ..backends.aws.limits import (LAMBDA_TIMEOUT_S, MAX_EPHEMERAL_MB, MAX_MEMORY_MB, MIN_EPHEMERAL_MB,
                                    MIN_MEMORY_MB)
@@ -27,12 +27,18 @@ def register(subparsers: Any) -> None:
                        "to ECR and deploys template.yaml with sam. Runs the steps when aws, docker and sam are "
                        "installed (and --print is not given); otherwise prints the exact commands, for the build "
                        "context it leaves in place.")
-    d.add_argument("--stack", required=True, help="CloudFormation stack name (also the functions' name prefix)")
-    d.add_argument("--region", default=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1")
-    d.add_argument("--data-bucket", required=True, dest="data_bucket")
-    d.add_argument("--data-prefix", required=True, dest="data_prefix", help="datasets live under this key prefix")
-    d.add_argument("--result-bucket", required=True, dest="result_bucket")
+    d.add_argument("--stack", help="CloudFormation stack name (also the functions' name prefix); required")
+    d.add_argument("--region", help="AWS region (default AWS_REGION, AWS_DEFAULT_REGION or the profile's)")
+    d.add_argument("--data-bucket", dest="data_bucket", help="bucket of the datasets; required")
+    d.add_argument("--data-prefix", dest="data_prefix", help="datasets live under this key prefix; required")
+    d.add_argument("--result-bucket", dest="result_bucket", help="bucket for run results; required")
     d.add_argument("--result-prefix", default="cai-results", dest="result_prefix")
+    d.add_argument("--weights-bucket", dest="weights_bucket", help="a bucket of weights files runs may name "
+                   "(default: weights only under the data location)")
+    d.add_argument("--weights-prefix", default="", dest="weights_prefix", help="key prefix of --weights-bucket")
+    d.add_argument("--allowed-models", default="", dest="allowed_models", metavar="NAMES",
+                   help="comma-separated models runs may name besides the built-in ones and --model (plug-in "
+                   "entry-point names or module:factory paths installed in the image)")
     d.add_argument("--arch", choices=("x86_64", "arm64"), default="x86_64")
     d.add_argument("--memory", type=int, default=3008,
                    help=f"inference Lambda memory, MB ({MIN_MEMORY_MB}-{MAX_MEMORY_MB})")
@@ -51,7 +57,7 @@ def register(subparsers: Any) -> None:
     d.add_argument("--context", metavar="DIR", help="assemble the Docker build context in DIR (kept; it must not "
                    "hold cosmicai/ yet). Default: a temporary folder, removed after a deploy, kept when the "
                    "commands are only printed")
-    d.set_defaults(func=cmd_deploy)
+    d.set_defaults(func=_one_line(cmd_deploy))
 
     r = sub.add_parser("run", help="start a named execution, follow it, print the summary",
                        description="Starts a NAMED execution of the deployed state machine with the run config "
@@ -73,13 +79,13 @@ def register(subparsers: Any) -> None:
     r.add_argument("--poll", type=float, default=5.0, help="seconds between progress polls")
     r.add_argument("--timeout", type=float, help="stop following after this many seconds")
     r.add_argument("--no-wait", action="store_true", dest="no_wait", help="start it and print its ARN")
-    r.set_defaults(func=cmd_run)
+    r.set_defaults(func=_one_line(cmd_run))
 
     s = sub.add_parser("status", help="status, Map progress and result of an execution")
     s.add_argument("execution_arn")
     s.add_argument("--json", action="store_true", help="print the status as JSON")
     _common_args(s)
-    s.set_defaults(func=cmd_status)
+    s.set_defaults(func=_one_line(cmd_status))
 
     lg = sub.add_parser("logs", help="Lambda REPORT lines -> duration, memory, init time and cost per invocation",
                         description="Reads the REPORT lines of a function's CloudWatch log group and prices every "
@@ -90,8 +96,21 @@ def register(subparsers: Any) -> None:
     lg.add_argument("--memory", type=int, help="price at this memory (MB) instead of each REPORT's Memory Size")
     lg.add_argument("--json", action="store_true")
     _common_args(lg)
-    lg.set_defaults(func=cmd_logs)
+    lg.set_defaults(func=_one_line(cmd_logs))
     p.set_defaults(func=lambda a: (p.print_help(), 2)[1])
+
+
+def _one_line(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """``command`` with botocore's errors (no region, no credentials, endpoint unreachable, AWS refusals) turned
+    into one-line CaiErrors (the CLI prints ``cai: error: ...`` and exits 2)."""
+    @functools.wraps(command)
+    def run(args: argparse.Namespace) -> int:
+        from ..backends.aws.client import aws_errors
+
+        with aws_errors():
+            return command(args)
+
+    return run
 
 
 def _common_args(p: argparse.ArgumentParser) -> None:
@@ -107,16 +126,27 @@ def _target_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_deploy(args: argparse.Namespace) -> int:
     """``cai aws deploy``."""
+    from ..backends.aws import client as aws
     from ..backends.aws import deploy
+    from ..errors import ConfigError
 
+    needed = [flag for flag, value in (("--stack NAME", args.stack), ("--data-bucket BUCKET", args.data_bucket),
+                                       ("--data-prefix PREFIX", args.data_prefix),
+                                       ("--result-bucket BUCKET", args.result_bucket)) if not value]
+    if needed:
+        raise ConfigError(f"cai aws deploy needs {', '.join(needed)}")
     settings = deploy.DeploySettings(
-        stack=args.stack, region=args.region, data_bucket=args.data_bucket, data_prefix=args.data_prefix,
+        stack=args.stack, region=args.region or "", data_bucket=args.data_bucket, data_prefix=args.data_prefix,
         result_bucket=args.result_bucket, result_prefix=args.result_prefix, arch=args.arch, memory_mb=args.memory,
         timeout_s=args.timeout, ephemeral_mb=args.ephemeral, reserved_concurrency=args.reserved_concurrency,
         max_concurrency=args.max_concurrency, tolerated_failure_percentage=args.tolerated_failure_percentage,
         allow_failures=args.allow_failures, model=args.model, repository=args.repository, tag=args.tag,
-        account=args.account).validate()
+        account=args.account, weights_bucket=args.weights_bucket or "", weights_prefix=args.weights_prefix,
+        allowed_models=args.allowed_models).validate()
+    settings.region = aws.region_of(args.region)
     missing = deploy.missing_tools()
+    if not (args.print_only or missing):
+        aws.session(settings.region)  # credentials, before anything is built or pushed
     if args.print_only or missing:
         context = deploy.build_context(args.context)
         if missing and not args.print_only:
@@ -165,6 +195,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not args.config and not args.data:
         raise ConfigError("give a run config file or --data s3://bucket/prefix")
     run_input = _run_input(args)
+    if not args.stack and not args.state_machine_arn:
+        raise ConfigError("no state machine to run on: give --stack NAME (the stack `cai aws deploy` made) or "
+                          "--state-machine-arn ARN")
     last = [""]
 
     def show(st: dict[str, Any]) -> None:
@@ -178,10 +211,14 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"uploaded {uploaded} file(s) from {args.upload} to {run_input.get('data')}")
         print(f"started execution {name}\n  {execution}\n  results: {result}")
 
-    done = run_on_stepfunctions(run_input, state_machine_arn=args.state_machine_arn, stack=args.stack,
-                                endpoint=args.endpoint, region=args.region, name=args.name, upload=args.upload,
-                                poll_s=args.poll, timeout_s=args.timeout, wait=not args.no_wait, on_update=show,
-                                on_start=started)
+    try:
+        done = run_on_stepfunctions(run_input, state_machine_arn=args.state_machine_arn, stack=args.stack,
+                                    endpoint=args.endpoint, region=args.region, name=args.name, upload=args.upload,
+                                    poll_s=args.poll, timeout_s=args.timeout, wait=not args.no_wait, on_update=show,
+                                    on_start=started)
+    except TimeoutError as exc:  # --timeout passed: the execution goes on
+        print(f"cai: {exc}", file=sys.stderr)
+        return 1
     if args.no_wait:
         return 0
     return _report(done.status, done.result_url, done.summary)

@@ -15,13 +15,16 @@ from typing import Any
 
 from .. import storage
 from ..config import RunConfig
-from ..errors import CaiError, ConfigError, DataError
-from ..results import PLAN_HASH_NAME, PLAN_NAME, RESULT_DIRS, RESULT_FILES, TASKS_NAME
+from ..errors import CaiError, ConfigError, DataError, StorageError
+from ..results import PLAN_HASH_NAME, PLAN_NAME, RESULT_DIRS, RESULT_FILES, TASK_DIGESTS_NAME, TASKS_NAME
 
 #: The plan hash alone: what a worker reads to know its task still belongs to the plan under the result path.
 PLAN_FORMAT = "cosmicai-plan"
 PLAN_VERSION = 2  # 2: each partition stored once; tasks are index lists into "partitions"
-#: Everything a run writes under its result URL (removed by ``overwrite``).
+#: One line per rank, ``<sha256 of the rank's task item>\n`` (``-`` x 64 for a rank without a task): a worker reads
+#: its own line with one ranged read and checks the task item it was handed against it (:func:`verify_task_item`).
+_DIGEST_LINE = 65
+_NO_TASK = "-" * 64
 
 
 def assign_ranks(n_files: int, world_size: int) -> list[list[int]]:
@@ -215,13 +218,21 @@ def _same_config(old: dict[str, Any], new: dict[str, Any], default_world: bool) 
 def _dataset_changed(plan: Plan, parts: list[dict[str, Any]]) -> None:
     """Same config, different partitions: say which partitions went missing, appeared or changed."""
     now = {p["name"]: p for p in parts}
-    missing = [p["name"] for p in plan.partitions if p["name"] not in now]
-    if missing:
-        raise DataError(f"{plan.data_url}: partition(s) {', '.join(missing)} planned in "
-                        f"{storage.join(plan.result_url, PLAN_NAME)} are missing from the dataset (deleted or moved "
-                        f"after planning); restore them to resume, or use --overwrite to plan anew")
     before = {p["name"] for p in plan.partitions}
     added = [n for n in now if n not in before]
+    missing = [p["name"] for p in plan.partitions if p["name"] not in now]
+    if missing:
+        gone = _not_listed(plan.data_url, missing)
+        if gone or not added:
+            raise DataError(f"{plan.data_url}: partition(s) {', '.join(gone or missing)} planned in "
+                            f"{storage.join(plan.result_url, PLAN_NAME)} are missing from the dataset (deleted or "
+                            f"moved after planning); restore them to resume, or use --overwrite to plan anew")
+        # Still there: files added since planning sort before them and take their place within file_limit.
+        raise ConfigError(f"{plan.data_url}: partition(s) {', '.join(added)} were added to the dataset since "
+                          f"{plan.result_url} was planned and now come before planned partition(s) "
+                          f"{', '.join(missing)} (file_limit {plan.config.get('file_limit')} takes the first files in "
+                          f"name order); resuming would mix two selections of files: move the new files away, or "
+                          f"use --overwrite to plan anew, or another result path")
     changed = [p["name"] for p in plan.partitions if p != now[p["name"]]]
     if not added and not changed:
         return  # the partitions are the same: the config differs, reported by the caller
@@ -232,11 +243,93 @@ def _dataset_changed(plan: Plan, parts: list[dict[str, Any]]) -> None:
                       f"result path")
 
 
+def _not_listed(data_url: str, names: list[str]) -> list[str]:
+    """Those of ``names`` the whole dataset (before ``file_limit``) no longer lists."""
+    from ..data.partition import list_partitions
+
+    try:
+        listed = {r.name for r in list_partitions(data_url)}
+    except DataError:
+        return list(names)
+    return [n for n in names if n not in listed]
+
+
 def _write_tasks(plan: Plan) -> None:
-    url = storage.join(plan.result_url, TASKS_NAME)
+    """``task_digests.txt`` (when it differs), then ``tasks.json``: a task item is never out before its digest."""
     tasks = plan.task_list()
+    digests = task_digests(tasks)
+    url = storage.join(plan.result_url, TASK_DIGESTS_NAME)
+    if not storage.exists(url) or storage.read_bytes(url) != digests:
+        storage.write_bytes(url, digests)
+    url = storage.join(plan.result_url, TASKS_NAME)
     if not storage.exists(url) or storage.read_json(url) != tasks:
         storage.write_json(url, tasks, indent=None)
+
+
+def task_digest(item: dict[str, Any]) -> str:
+    """sha256 of the canonical JSON of one task item (:meth:`Plan.task_list`): result URL, rank, plan hash, task."""
+    try:
+        canon = json.dumps(item, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"task item for rank {item.get('rank')!r} is not plain JSON ({exc})") from exc
+    return hashlib.sha256(canon.encode()).hexdigest()
+
+
+def task_digests(items: list[dict[str, Any]]) -> bytes:
+    """The ``task_digests.txt`` of a task list: line r is the digest of rank r's item."""
+    by_rank = {int(item["rank"]): task_digest(item) for item in items}
+    lines = [by_rank.get(r, _NO_TASK) for r in range(max(by_rank) + 1 if by_rank else 0)]
+    return "".join(line + "\n" for line in lines).encode()
+
+
+def stored_task_digest(result_url: str, rank: int) -> str | None:
+    """Rank ``rank``'s line of ``task_digests.txt`` (one ranged read), or None when the plan has no task for it.
+
+    DataError when the result URL holds no digests (no plan made by this version)."""
+    url = storage.join(result_url, TASK_DIGESTS_NAME)
+    size = storage.size(url)
+    if size is None:
+        raise DataError(f"{url}: no task digests (plan the run first; a plan made before task digests existed is "
+                        "renewed by planning it again)")
+    start = int(rank) * _DIGEST_LINE
+    if start + _DIGEST_LINE > size:
+        return None
+    fs, path = storage.filesystem(url)
+    try:
+        line = fs.cat_file(path, start=start, end=start + _DIGEST_LINE)
+    except Exception as exc:  # noqa: BLE001 - fsspec and botocore raise many types; one line names the file
+        raise StorageError(f"cannot read {url}: {type(exc).__name__}: {exc}") from exc
+    text = line.decode("ascii", "replace").rstrip("\n")
+    return None if text == _NO_TASK else text
+
+
+def verify_task_item(item: dict[str, Any]) -> None:
+    """Refuse (ConfigError, nothing written) a task item that is not the one the plan under its result URL wrote
+    for its rank: a rank the plan does not have, a task changed in any field, an item of another plan."""
+    result_url, rank, digest = item["result_url"], item["rank"], item["plan_hash"]
+    now = current_plan_hash(result_url)
+    if now != digest:
+        raise ConfigError(f"{result_url}: this task item belongs to plan {str(digest)[:12]} but the plan there is "
+                          f"{str(now)[:12]} (an item of an older or another plan); rank {rank} was not run")
+    check_task_digest(item)
+
+
+def check_task_digest(item: dict[str, Any]) -> None:
+    """Refuse (ConfigError) an item whose rank the plan does not have or whose task differs from what the plan
+    wrote for that rank (``task_digests.txt``); the caller has checked the plan hash."""
+    result_url, rank = item["result_url"], item["rank"]
+    stored = stored_task_digest(result_url, rank)
+    if stored is None:
+        raise ConfigError(f"{result_url}: rank {rank} is not in the plan ({_planned_ranks(result_url)}); "
+                          "nothing was run or written")
+    if task_digest(item) != stored:
+        raise ConfigError(f"{result_url}: the task item for rank {rank} differs from the one the plan wrote "
+                          f"({storage.join(result_url, TASKS_NAME)}); only the plan's own items are run")
+
+
+def _planned_ranks(result_url: str) -> str:
+    count = (storage.size(storage.join(result_url, TASK_DIGESTS_NAME)) or 0) // _DIGEST_LINE
+    return f"ranks 0-{count - 1}" if count else "no ranks"
 
 
 def _existing_plan(result_url: str) -> Plan | None:

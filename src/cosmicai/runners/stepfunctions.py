@@ -33,31 +33,38 @@ def run_on_stepfunctions(run_input: dict[str, Any], *, state_machine_arn: str | 
     ``state_machine_arn`` or by the outputs of ``stack``. Without a result URL the stack's ``ResultLocation``
     plus the execution name is used. ``upload``: a local dataset folder copied to the config's data URL first.
     ``on_start(execution_arn, name, result_url, files_uploaded or None)`` and ``on_update(status)`` report
-    progress (the CLI prints them; nothing is printed otherwise)."""
+    progress (the CLI prints them; nothing is printed otherwise). A missing region or credentials, an unreachable
+    endpoint or an AWS refusal is a one-line CaiError."""
     from ..config import load_config
 
     run_input = dict(run_input)
     if not state_machine_arn and not stack:
-        raise ConfigError("give stack=NAME (a deployed stack) or state_machine_arn=ARN")
-    sfn = aws.client("stepfunctions", endpoint, region)
-    outputs: dict[str, str] = {}
-    if stack:
-        outputs = aws.stack_outputs(aws.client("cloudformation", endpoint, region), stack)
-        state_machine_arn = state_machine_arn or outputs.get("StateMachineArn")
-    if not state_machine_arn:
-        raise ConfigError("give stack=NAME (a deployed stack) or state_machine_arn=ARN")
-    name = aws.check_name(name) if name else aws.run_name()
-    if "result" not in run_input and "result_path" not in run_input:
-        if not outputs.get("ResultLocation"):
-            raise ConfigError("no result URL: give result='s3://...' (or a stack, whose outputs name the result "
-                              "location)")
-        run_input["result"] = outputs["ResultLocation"].rstrip("/") + "/" + name
-    config, _ = load_config({k: v for k, v in run_input.items() if k != "aws"})
-    uploaded = aws.upload_dataset(upload, config.data) if upload else None
-    arn = aws.start_run(sfn, state_machine_arn, run_input, name)
-    if on_start is not None:
-        on_start(arn, name, config.result, uploaded)
-    if not wait:
-        return Execution(arn, name, {"status": "RUNNING"}, config.result, None)
-    final = aws.wait(sfn, arn, poll_s=poll_s, timeout_s=timeout_s, on_update=on_update)
-    return Execution(arn, name, final, config.result, aws.read_summary(config.result))
+        raise ConfigError(NO_TARGET)
+    with aws.aws_errors():
+        sfn = aws.client("stepfunctions", endpoint, region)
+        outputs: dict[str, str] = {}
+        if stack:
+            outputs = aws.stack_outputs(aws.client("cloudformation", endpoint, region), stack)
+            state_machine_arn = state_machine_arn or outputs.get("StateMachineArn")
+        if not state_machine_arn:
+            raise ConfigError(f"stack {stack} has no StateMachineArn output (is it a `cai aws deploy` stack?)")
+        name = aws.check_name(name) if name else aws.run_name()
+        if "result" not in run_input and "result_path" not in run_input:
+            if not outputs.get("ResultLocation"):
+                raise ConfigError("no result URL: give result='s3://...' (or a stack, whose outputs name the result "
+                                  "location)")
+            run_input["result"] = outputs["ResultLocation"].rstrip("/") + "/" + name
+        config, _ = load_config({k: v for k, v in run_input.items() if k != "aws"})
+        uploaded = aws.upload_dataset(upload, config.data) if upload else None
+        arn = aws.start_run(sfn, state_machine_arn, run_input, name)
+        if on_start is not None:
+            on_start(arn, name, config.result, uploaded)
+        if not wait:
+            return Execution(arn, name, {"status": "RUNNING"}, config.result, None)
+        final = aws.wait(sfn, arn, poll_s=poll_s, timeout_s=timeout_s, on_update=on_update)
+        return Execution(arn, name, final, config.result, aws.read_summary(config.result))
+
+
+#: Without a state machine (``cai aws run`` checks its --stack / --state-machine-arn flags first).
+NO_TARGET = ("no state machine to run on: give stack=NAME (a stack `cai aws deploy` made) or state_machine_arn=ARN "
+             "(on the command line: --stack NAME or --state-machine-arn ARN)")

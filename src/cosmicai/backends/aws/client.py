@@ -6,27 +6,89 @@ natively), so the same code runs against moto's server in the tests.
 from __future__ import annotations
 
 import json
-import re
 import time
 import uuid
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 from ...errors import ConfigError, StorageError
+from .trust import EXECUTION_NAME_RE
 
 TERMINAL = ("SUCCEEDED", "FAILED", "TIMED_OUT", "ABORTED")
-_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,80}$")
+NO_REGION = ("no AWS region: give --region REGION, or set AWS_REGION (or AWS_DEFAULT_REGION), or a region in the "
+             "AWS profile's config")
+NO_CREDENTIALS = ("no AWS credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN for "
+                  "temporary ones), or AWS_PROFILE naming a profile in ~/.aws/credentials, or run where an IAM role "
+                  "provides them")
+#: AWS error codes that mean the credentials themselves were refused.
+_CREDENTIAL_CODES = ("ExpiredToken", "ExpiredTokenException", "InvalidClientTokenId", "UnrecognizedClientException",
+                     "SignatureDoesNotMatch", "InvalidSignatureException", "AuthFailure")
+
+
+def session(region: str | None = None) -> Any:
+    """A boto3 session with a region and credentials; ConfigError naming the flag or variable to set otherwise."""
+    import boto3
+
+    with aws_errors():
+        sess = boto3.session.Session(region_name=region or None)
+        if not sess.region_name:
+            raise ConfigError(NO_REGION)
+        if sess.get_credentials() is None:
+            raise ConfigError(NO_CREDENTIALS)
+    return sess
+
+
+def region_of(region: str | None = None) -> str:
+    """The region a command uses: ``region``, else AWS_REGION / AWS_DEFAULT_REGION / the profile's; ConfigError
+    naming them when there is none (needs no credentials)."""
+    import boto3
+
+    with aws_errors():
+        found = boto3.session.Session(region_name=region or None).region_name
+    if not found:
+        raise ConfigError(NO_REGION)
+    return found
 
 
 def client(service: str, endpoint: str | None = None, region: str | None = None) -> Any:
-    """A boto3 client; ``endpoint`` overrides AWS_ENDPOINT_URL (which boto3 already honours)."""
-    import boto3
+    """A boto3 client; ``endpoint`` overrides AWS_ENDPOINT_URL (which boto3 already honours). A missing region or
+    credentials is a one-line ConfigError here, before any call; calls time out (10 s to connect, 60 s to read)."""
+    from botocore.config import Config
 
-    kwargs: dict[str, Any] = {}
-    if endpoint:
-        kwargs["endpoint_url"] = endpoint
-    if region:
-        kwargs["region_name"] = region
-    return boto3.client(service, **kwargs)
+    with aws_errors():
+        return session(region).client(service, endpoint_url=endpoint or None,
+                                      config=Config(connect_timeout=10, read_timeout=60))
+
+
+@contextmanager
+def aws_errors() -> Iterator[None]:
+    """Turn botocore's exceptions into one-line CaiErrors naming what to set or check."""
+    from botocore.exceptions import (BotoCoreError, ClientError, ConnectTimeoutError, EndpointConnectionError,
+                                     NoCredentialsError, NoRegionError, PartialCredentialsError, ProfileNotFound,
+                                     ReadTimeoutError)
+
+    try:
+        yield
+    except NoRegionError as exc:
+        raise ConfigError(NO_REGION) from exc
+    except NoCredentialsError as exc:
+        raise ConfigError(NO_CREDENTIALS) from exc
+    except PartialCredentialsError as exc:
+        raise ConfigError(f"incomplete AWS credentials ({exc}): set both AWS_ACCESS_KEY_ID and "
+                          "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE") from exc
+    except ProfileNotFound as exc:
+        raise ConfigError(f"{exc}: set AWS_PROFILE to a profile in ~/.aws/config, or unset it") from exc
+    except (EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError) as exc:
+        raise StorageError(f"cannot reach AWS: {exc} (check --endpoint / AWS_ENDPOINT_URL, --region and the "
+                           "network)") from exc
+    except ClientError as exc:
+        error = exc.response.get("Error", {})
+        code, message = error.get("Code", "Error"), " ".join(str(error.get("Message", exc)).split())
+        hint = (" (check the AWS credentials: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN or "
+                "AWS_PROFILE)") if code in _CREDENTIAL_CODES else ""
+        raise ConfigError(f"AWS refused {exc.operation_name}: {code}: {message}{hint}") from exc
+    except BotoCoreError as exc:
+        raise StorageError(f"AWS: {' '.join(str(exc).split())}") from exc
 
 
 def stack_outputs(cfn: Any, stack: str) -> dict[str, str]:
@@ -36,6 +98,8 @@ def stack_outputs(cfn: Any, stack: str) -> dict[str, str]:
     try:
         stacks = cfn.describe_stacks(StackName=stack)["Stacks"]
     except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") != "ValidationError":
+            raise
         raise ConfigError(f"--stack {stack}: {exc.response['Error'].get('Message', exc)}") from exc
     return {o["OutputKey"]: o["OutputValue"] for o in stacks[0].get("Outputs", [])}
 
@@ -46,7 +110,7 @@ def run_name(prefix: str = "cai") -> str:
 
 
 def check_name(name: str) -> str:
-    if not _NAME_RE.match(name):
+    if not EXECUTION_NAME_RE.match(name):
         raise ConfigError(f"--name {name!r}: execution names are 1-80 characters of letters, digits, '-' and '_'")
     return name
 
@@ -59,6 +123,8 @@ def start_run(sfn: Any, state_machine_arn: str, run_input: dict[str, Any], name:
         resp = sfn.start_execution(stateMachineArn=state_machine_arn, name=check_name(name),
                                    input=json.dumps(run_input))
     except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") in _CREDENTIAL_CODES:
+            raise
         raise ConfigError(f"cannot start execution {name} on {state_machine_arn}: "
                           f"{exc.response['Error'].get('Message', exc)}") from exc
     return resp["executionArn"]
@@ -81,6 +147,8 @@ def status(sfn: Any, execution_arn: str) -> dict[str, Any]:
     try:
         desc = sfn.describe_execution(executionArn=execution_arn)
     except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") not in ("ExecutionDoesNotExist", "InvalidArn"):
+            raise
         raise ConfigError(f"{execution_arn}: {exc.response['Error'].get('Message', exc)}") from exc
     out: dict[str, Any] = {"execution_arn": execution_arn, "name": desc.get("name"), "status": desc["status"],
                            "start": str(desc.get("startDate")), "stop": str(desc.get("stopDate") or "") or None}

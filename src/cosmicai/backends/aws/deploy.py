@@ -113,6 +113,11 @@ class DeploySettings:
     repository: str = "cosmicai-lambda"
     tag: str = "latest"
     account: str | None = None
+    #: Where runs may name weights besides the data location ('' = nowhere else), and models besides the
+    #: built-in ones and ``model`` (comma separated): the stack's trust settings, fixed at deploy time.
+    weights_bucket: str = ""
+    weights_prefix: str = ""
+    allowed_models: str = ""
     extra: dict[str, str] = field(default_factory=dict)
 
     def validate(self) -> "DeploySettings":
@@ -129,6 +134,11 @@ class DeploySettings:
         for name, value in (("--data-prefix", self.data_prefix), ("--result-prefix", self.result_prefix)):
             if not value.strip("/") or value != value.strip("/"):
                 raise ConfigError(f"{name} must be a non-empty key prefix without leading/trailing '/', got {value!r}")
+        if self.weights_prefix != self.weights_prefix.strip("/") or (self.weights_prefix and not self.weights_bucket):
+            raise ConfigError(f"--weights-prefix {self.weights_prefix!r}: needs --weights-bucket and no leading or "
+                              "trailing '/'")
+        models = [m for m in self.allowed_models.replace(" ", ",").split(",") if m]
+        self.allowed_models = ",".join(models)
         return self
 
     @property
@@ -150,6 +160,9 @@ class DeploySettings:
                   "DataPrefix": self.data_prefix, "ResultBucket": self.result_bucket,
                   "ResultPrefix": self.result_prefix, "ModelName": self.model,
                   "LogRetentionDays": self.log_retention_days, **self.extra}
+        trust = {"WeightsBucket": self.weights_bucket, "WeightsPrefix": self.weights_prefix,
+                 "AllowedModels": self.allowed_models}
+        params.update({k: v for k, v in trust.items() if v})  # empty: the template's default (none)
         return [f"{k}={v}" for k, v in params.items()]
 
 
