@@ -50,10 +50,13 @@ def _write_manifest(data_dir: str, ranks: int, rows: int) -> None:
 
 
 class _PreparedPredictor:
-    """Returns the prediction the fake fetch stored in magnitudes[:, 0] (the images are a zero-stride view)."""
+    """Returns the prediction the fake fetch stored in the magnitudes: |z| in column 0, its sign in column 1 (21 for
+    negative, else 20), so every magnitude stays in the physical range (the images are a zero-stride view)."""
 
     def predict(self, images, magnitudes, batch_size=None):
-        return magnitudes[:, 0].copy()
+        import numpy as np
+
+        return np.where(magnitudes[:, 1] > 20.5, -magnitudes[:, 0], magnitudes[:, 0])
 
 
 def _worker_init(result_url: str) -> None:
@@ -77,7 +80,8 @@ def _worker_init(result_url: str) -> None:
         outliers = rng.random(n) < 0.01
         z_pred[outliers] = rng.uniform(0, 1, int(outliers.sum())).astype(np.float32)
         mags = rng.uniform(15, 24, (n, 5)).astype(np.float32)
-        mags[:, 0] = z_pred
+        mags[:, 0] = np.abs(z_pred)
+        mags[:, 1] = np.where(z_pred < 0, 21.0, 20.0)
         first = (index - 1) * n
         data = Partition(images=np.broadcast_to(zero_images, (n, 5, 32, 32)), magnitudes=mags,
                          object_id=np.arange(first, first + n, dtype=np.int64), redshift=z_true)

@@ -44,3 +44,27 @@ def test_perfect_and_empty():
     assert empty["n"] == 0 and empty["n_excluded"] == 1 and math.isnan(empty["MAE"])
     with pytest.raises(ValueError, match="3 rows but z_true has 2"):
         redshift_metrics([1, 2, 3], [1, 2])
+
+
+def test_flagged_rows_are_excluded_and_counted():
+    """Rows flagged for out-of-range inputs keep their (finite, untrustworthy) prediction but are not scored."""
+    from cosmicai.pipeline.metrics import MetricsAccumulator
+
+    zt = np.array([0.1, 0.2, 0.3, 0.4, -1.0, 0.5], dtype=np.float32)
+    zp = np.array([0.1, 1e30, 0.3, np.nan, 0.2, 0.45], dtype=np.float32)
+    flag = np.array([False, True, False, True, True, False])
+    m = redshift_metrics(zp, zt, flag)
+    ref = redshift_metrics(zp[[0, 2, 5]], zt[[0, 2, 5]])
+    assert m["n"] == 3 and m["n_excluded"] == 3
+    assert m["n_out_of_range"] == 1 and m["n_nonfinite_pred"] == 1 and m["n_unknown_z"] == 1
+    assert m["MAE"] == ref["MAE"] and m["MAE"] == pytest.approx(0.05 / 3, rel=1e-5)
+    acc = MetricsAccumulator()
+    acc.add(zp[:3], zt[:3], flag[:3])
+    acc.add(zp[3:], zt[3:], flag[3:])
+    got = acc.result()
+    assert {k: got[k] for k in ("n", "n_excluded", "n_out_of_range", "n_nonfinite_pred")} == \
+        {"n": 3, "n_excluded": 3, "n_out_of_range": 1, "n_nonfinite_pred": 1}
+    assert got["MAE"] == pytest.approx(ref["MAE"], rel=1e-12) and got["Precision"] == ref["Precision"]
+    assert redshift_metrics(zp, zt)["n_out_of_range"] == 0  # no flag given: nothing counted as out of range
+    with pytest.raises(ValueError, match="flag has 2 rows but z_pred has 6"):
+        redshift_metrics(zp, zt, [True, False])

@@ -40,10 +40,11 @@ def _default_values(index: int, n: int) -> tuple[np.ndarray | None, np.ndarray]:
 
 
 class _Prepared:
-    """The model: returns the prediction the fake fetch put in magnitudes[:, 0]."""
+    """The model: returns the prediction the fake fetch put in the magnitudes: |z| in column 0, its sign in
+    column 1 (21 for negative, else 20), so every magnitude stays in the physical range and is not flagged."""
 
     def predict(self, images, magnitudes, batch_size=None):
-        return magnitudes[:, 0].copy()
+        return np.where(magnitudes[:, 1] > 20.5, -magnitudes[:, 0], magnitudes[:, 0])
 
 
 def build_tree(root, monkeypatch, ranks: int, rows: int | list[int], per_rank: int = 1, values=_default_values,
@@ -66,7 +67,8 @@ def build_tree(root, monkeypatch, ranks: int, rows: int | list[int], per_rank: i
         n = int(part["rows"])
         z_true, z_pred = values(index, n)
         mags = np.full((n, 5), 20.0, dtype=np.float32)
-        mags[:, 0] = z_pred
+        mags[:, 0] = np.abs(z_pred)
+        mags[:, 1] = np.where(z_pred < 0, 21.0, 20.0)
         start = int(first[index - 1])
         return Partition(images=np.broadcast_to(ZERO_IMAGE, (n, 5, 32, 32)), magnitudes=mags,
                          object_id=np.arange(start, start + n, dtype=np.int64), redshift=z_true), 0.0, 0.0

@@ -3,10 +3,12 @@
 
 A run's result folder::
 
-    plan.json  plan_hash.json  tasks.json   written by plan (tasks.json: the backend's task items)
+    plan.json  plan_hash.json  tasks.json   written by plan (tasks.json: the backend's task items;
+    task_digests.txt                       task_digests.txt: each item's sha256, one line per rank)
     lease.json                              held while a run is going (pipeline/lease.py)
     ranks/<rank>.json                       one RankRecord per rank, written last (it marks the rank done)
-    predictions/<rank>.parquet              the rank's predictions (PREDICTION_COLUMNS)
+    predictions/<rank>.parquet              the rank's predictions (PREDICTION_COLUMNS; ``flag``: do not trust
+                                            the row: non-finite or out-of-range inputs, or an overflow)
     errors/<rank>.json                      why a rank failed (ErrorReport)
     run.json                                the driver's stage timings
     combined_data.json                      every RankRecord, the original CAI's keys first
@@ -29,6 +31,8 @@ from . import storage
 
 PLAN_NAME = "plan.json"
 PLAN_HASH_NAME = "plan_hash.json"
+#: One 65-byte line per rank: the sha256 of the task item the plan wrote for it (what a worker checks an item against).
+TASK_DIGESTS_NAME = "task_digests.txt"
 TASKS_NAME = "tasks.json"
 LEASE_NAME = "lease.json"
 RUN_NAME = "run.json"
@@ -40,11 +44,24 @@ PREDICTIONS_DIR = "predictions"
 ERRORS_DIR = "errors"
 
 #: Files a run writes at its top level, and its per-rank folders (``--overwrite`` clears exactly these).
-RESULT_FILES = (PLAN_NAME, PLAN_HASH_NAME, TASKS_NAME, RUN_NAME, COMBINED_NAME, PREDICTIONS_NAME, SUMMARY_NAME)
+RESULT_FILES = (PLAN_NAME, PLAN_HASH_NAME, TASK_DIGESTS_NAME, TASKS_NAME, RUN_NAME, COMBINED_NAME, PREDICTIONS_NAME, SUMMARY_NAME)
 RESULT_DIRS = (RANKS_DIR, PREDICTIONS_DIR, ERRORS_DIR)
 
 #: Columns of the predictions files, in this order (z_true only when the data has redshifts).
 PREDICTION_COLUMNS = ("object_id", "partition", "row", "z_pred", "z_true", "flag")
+
+# Rows whose inputs fall outside the two bounds below are flagged (``flag``), still predicted, not scored, and
+# counted (``RankRecord.out_of_range``, ``Summary.out_of_range``).
+
+#: AB magnitudes (ugriz) a galaxy can have: no galaxy but our own is brighter than 0 (the LMC is 0.9, and it does
+#: not fit in a 12.7-arcsec stamp), and no survey measures anything fainter than 40 (SDSS reaches ~23, the Hubble
+#: Ultra Deep Field ~30). Outside it a value is a sentinel (-9999, 99), a flux given as a magnitude, or garbage.
+MAGNITUDE_RANGE = (0.0, 40.0)
+#: |pixel| in nanomaggies (sky-subtracted, the training data's unit: docs/data.md) beyond which an image is far
+#: outside what the model was trained on: training pixels span about -0.4 to 30, and the brightest galaxy its
+#: selection admits (r = 14, z ~ 13.2) holds ~5,000 nanomaggies in its whole stamp. One pixel above 1e4 (~330x
+#: the training maximum, a 12.5-mag point source) is a saturated star, raw counts, or garbage.
+PIXEL_LIMIT = 1.0e4
 
 #: The phases of a rank's time (``RankRecord.phases``, summed and averaged in the Summary).
 PHASES = ("fetch", "decode", "model_load", "fast_check", "inference", "write", "wait")
@@ -81,6 +98,8 @@ class RankRecord(_OriginalRecord):
     partition_rows: dict[str, int]
     nonfinite_rows: int
     nonfinite_predictions: dict[str, int]
+    out_of_range_rows: int
+    out_of_range: dict[str, Any]
     phases: dict[str, float]
     peak_rss_mb: float
     cold_start: bool
@@ -142,6 +161,7 @@ class Summary(TypedDict, total=False):
     completeness: Completeness
     failures: list[dict[str, Any]]
     nonfinite_predictions: dict[str, Any]
+    out_of_range: dict[str, Any]
     duplicate_ids: dict[str, Any]
     metrics: dict[str, Any] | None
 

@@ -4,6 +4,10 @@ The model is loaded once per process and reused by later tasks; the next partiti
 decoded) in a background thread while the current one is predicted. Outputs are written atomically:
 ``predictions/<rank>.parquet`` first, then the record ``ranks/<rank>.json`` LAST, so a record means the rank
 is complete. On failure ``errors/<rank>.json`` is written and the exception re-raised.
+
+Rows whose inputs cannot be trusted are still predicted (rows in == rows out) but flagged (the ``flag``
+column): non-finite inputs (with ``drop_nonfinite``; their prediction is NaN), predictions that overflowed, and
+inputs out of range (:data:`MAGNITUDE_RANGE`, :data:`PIXEL_LIMIT`; their prediction is kept, not scored).
 """
 
 from __future__ import annotations
@@ -25,11 +29,36 @@ import numpy as np
 from .. import storage
 from ..data.formats import INPUT_BITS_PER_SAMPLE, Partition, sha256_hex
 from ..errors import CaiError, ConfigError, DataError
-from .plan import Plan, current_plan_hash, load_plan
-from ..results import ORIGINAL_KEYS, PHASES, error_url, predictions_url, record_url
+from .plan import Plan, check_task_digest, current_plan_hash, load_plan
+from ..results import (MAGNITUDE_RANGE, ORIGINAL_KEYS, PHASES, PIXEL_LIMIT, error_url, predictions_url,
+                       record_url)
 
 _MODELS: dict[tuple, Any] = {}
 _WORKER_THREADS: int | None = None
+
+
+class OutOfMemoryError(CaiError, MemoryError):
+    """A rank ran out of memory; the message names the partition, its size and what to change."""
+
+
+def out_of_range_rows(data: Partition) -> tuple[np.ndarray, np.ndarray]:
+    """Boolean masks ``(magnitudes, pixels)`` of rows with a finite magnitude outside :data:`MAGNITUDE_RANGE`,
+    and with a finite pixel beyond +-:data:`PIXEL_LIMIT`. Rows with non-finite inputs are never in them."""
+    n = len(data)
+    if not n:
+        return np.zeros(0, dtype=bool), np.zeros(0, dtype=bool)
+    lo, hi = MAGNITUDE_RANGE
+    with np.errstate(invalid="ignore"):
+        mags = np.asarray(data.magnitudes)
+        mag_bad = ((mags < lo) | (mags > hi)).any(axis=1)
+        # Row extremes: one pass each, no per-pixel temporary; NaN rows compare False, inf rows are removed below.
+        pix_bad = (np.max(data.images, axis=(1, 2, 3)) > PIXEL_LIMIT) | (np.min(data.images, axis=(1, 2, 3))
+                                                                         < -PIXEL_LIMIT)
+    if mag_bad.any() or pix_bad.any():
+        finite = ~data.nonfinite_rows()
+        mag_bad &= finite
+        pix_bad &= finite
+    return mag_bad, pix_bad
 
 
 def configure_worker(threads: int | None) -> None:
@@ -90,14 +119,16 @@ def clear_model_cache() -> None:
 _FAST_CHECKS: dict[tuple, Any] = {}
 
 
-def checked_model(cfg: dict[str, Any], fast: Any, first: Any, sample: str) -> tuple[Any, dict[str, Any]]:
+def checked_model(cfg: dict[str, Any], fast: Any, first: Any, sample: str, untrusted: np.ndarray | None = None
+                  ) -> tuple[Any, dict[str, Any]]:
     """The predictor a fast-mode rank uses, and the guard's record: ``(predictor, fast_check)``.
 
     The guard (:mod:`cosmicai.models.guard`) compares ``fast`` with exact once per process and weights, on the
-    first rows of ``first`` (the rank's first partition); when they disagree beyond the tolerance the exact
+    first rows of ``first`` (the rank's first partition; rows where ``untrusted`` is set are skipped: inputs out
+    of range may make any two engines disagree); when they disagree beyond the tolerance the exact
     predictor is returned (policy ``fallback``) or ModelError raised (``strict``). A later task of the same
     process reuses the measurement and records that it paid nothing for it."""
-    from ..models.guard import calibrate, unchecked
+    from ..models.guard import CALIBRATION_ROWS, calibrate, unchecked
 
     policy = cfg.get("fast_guard") or "fallback"
     key = (cfg["model"], cfg.get("weights"), cfg.get("weights_sha256"), cfg["device"], _WORKER_THREADS, policy)
@@ -106,6 +137,9 @@ def checked_model(cfg: dict[str, Any], fast: Any, first: Any, sample: str) -> tu
     if check is None and policy == "off":
         check = unchecked()
     elif check is None:
+        keep = np.flatnonzero(~untrusted)[:CALIBRATION_ROWS] if untrusted is not None and untrusted.any() else None
+        if keep is not None and keep.size:
+            first = first.take(keep)
         images, mags = first.images, first.magnitudes  # non-finite rows come back NaN and are not compared
         exact, _, exact_load = _model_for(cfg, "exact")
         check = calibrate(fast, exact, images, mags, policy=policy, sample=sample,
@@ -148,20 +182,55 @@ def _cpu_model() -> str:
 
 def _fetch(part: dict[str, Any], allow_nonfinite: bool) -> tuple[Partition, float, float]:
     """Read, verify and decode one partition: (partition, fetch seconds, decode seconds)."""
-    from ..data.partition import decode
+    from ..data.partition import decode, read_partition_bytes
 
     t0 = time.perf_counter()
-    data = storage.read_bytes(part["url"])
+    try:
+        data = read_partition_bytes(part["url"], part.get("bytes"), "the plan")  # header checked first
+    except MemoryError as exc:
+        raise _out_of_memory("reading", f"partition {part['name']}", part.get("rows"), part.get("bytes"), exc) from exc
     t1 = time.perf_counter()
     if part.get("bytes") is not None and len(data) != part["bytes"]:
         raise DataError(f"{part['url']}: size is {len(data)} bytes but the plan lists {part['bytes']} "
                         f"(partition changed or truncated since planning)")
     if part.get("sha256") and sha256_hex(data) != part["sha256"]:
         raise DataError(f"{part['url']}: sha256 does not match the manifest (corrupt or changed partition)")
-    decoded = decode(data, part["name"], allow_nonfinite=allow_nonfinite)
+    try:
+        decoded = decode(data, part["name"], allow_nonfinite=allow_nonfinite)
+    except MemoryError as exc:
+        raise _out_of_memory("decoding", f"partition {part['name']}", part.get("rows"), len(data), exc) from exc
     if part.get("rows") is not None and len(decoded) != part["rows"]:
         raise DataError(f"{part['url']}: holds {len(decoded)} rows but the manifest lists {part['rows']}")
     return decoded, t1 - t0, time.perf_counter() - t1
+
+
+def _out_of_memory(doing: str, what: str, rows: int | None, nbytes: int | None, exc: BaseException,
+                   batch_size: int | None = None) -> OutOfMemoryError:
+    """The one-line error for a MemoryError while ``doing`` ``what`` (e.g. "partition part-000001.safetensors";
+    an OutOfMemoryError is kept as it is)."""
+    if isinstance(exc, OutOfMemoryError):
+        return exc
+    size = ", ".join(x for x in (f"{rows:,} rows" if rows is not None else "",
+                                 f"{nbytes / 1e6:,.1f} MB" if nbytes is not None else "",
+                                 f"batch {batch_size}" if batch_size else "") if x)
+    detail = f": {exc}" if str(exc) else ""
+    return OutOfMemoryError(
+        f"out of memory while {doing} {what}{f' ({size})' if size else ''}{detail}; use fewer rows per "
+        "partition (cai data split --partition-size, e.g. 25MB) or a smaller --batch-size, or give each worker more "
+        "memory (fewer --workers per machine, a larger job or container memory limit)")
+
+
+def _fetch_checked(part: dict[str, Any], allow_nonfinite: bool
+                   ) -> tuple[Partition, float, float, tuple[np.ndarray, np.ndarray]]:
+    """:func:`_fetch`, then the out-of-range masks (in the fetch thread, counted as decode time)."""
+    try:
+        data, fetch_s, decode_s = _fetch(part, allow_nonfinite)
+        t0 = time.perf_counter()
+        masks = out_of_range_rows(data)
+    except MemoryError as exc:
+        raise _out_of_memory("reading or decoding", f"partition {part['name']}", part.get("rows"), part.get("bytes"),
+                             exc) from exc
+    return data, fetch_s, decode_s + time.perf_counter() - t0, masks
 
 
 def _stored_record(plan: Plan, rank: int) -> dict[str, Any] | None:
@@ -217,7 +286,11 @@ def run_task(result_url: str, rank: int, plan_hash: str | None = None, task: dic
         if now != plan_hash:
             raise ConfigError(f"{result_url}: the plan was replaced while this run was going (plan "
                               f"{str(now)[:12]}, this task belongs to {str(plan_hash)[:12]}); rank {rank} was not run")
-    plan = Plan.for_task(result_url, rank, plan_hash, task) if task is not None and plan_hash else load_plan(result_url)
+    if task is not None and plan_hash:  # an item is run only as the plan wrote it, on every backend
+        check_task_digest({"result_url": result_url, "rank": rank, "plan_hash": plan_hash, "task": task})
+        plan = Plan.for_task(result_url, rank, plan_hash, task)
+    else:
+        plan = load_plan(result_url)
     done = _stored_record(plan, rank)
     if done is not None:
         return done
@@ -226,7 +299,14 @@ def run_task(result_url: str, rank: int, plan_hash: str | None = None, task: dic
         raise ConfigError(f"rank {rank} has no partitions in the plan at {result_url} (ranks: {plan.ranks})")
     started = _now()
     try:
-        return _run(plan, rank, parts, started)
+        try:
+            return _run(plan, rank, parts, started)
+        except MemoryError as exc:
+            if isinstance(exc, OutOfMemoryError):
+                raise
+            names = ", ".join(p["name"] for p in parts[:3]) + (" ..." if len(parts) > 3 else "")
+            rows = sum(int(p["rows"]) for p in parts) if all(p.get("rows") is not None for p in parts) else None
+            raise _out_of_memory(f"running rank {rank} on", f"partition(s) {names}", rows, None, exc) from exc
     except BaseException as exc:
         if not isinstance(exc, KeyboardInterrupt):
             _write_error(plan, rank, parts, exc, started)
@@ -236,7 +316,8 @@ def run_task(result_url: str, rank: int, plan_hash: str | None = None, task: dic
 def _write_error(plan: Plan, rank: int, parts: list[dict], exc: BaseException, started: str) -> None:
     tail = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))[-4000:]
     info = {"rank": rank, "partitions": [p["name"] for p in parts], "error_type": type(exc).__name__,
-            "message": str(exc), "traceback": tail, "plan_hash": plan.plan_hash, "host": socket.gethostname(),
+            "message": str(exc) or repr(exc), "traceback": tail, "plan_hash": plan.plan_hash,
+            "host": socket.gethostname(),
             "pid": os.getpid(), "started_at": started, "failed_at": _now()}
     try:
         storage.write_json(error_url(plan.result_url, rank), info)
@@ -273,11 +354,15 @@ class _RankOutput:
                                                                       "z_true", "flag")}
         self.rows_per_part: dict[str, int] = {}
         self.bad_predictions: dict[str, int] = {}
+        self.nonfinite_rows = 0
+        self.out_of_range: dict[str, Any] = {"rows": 0, "magnitudes": 0, "pixels": 0, "by_partition": {}}
         self.num_batches = 0
         self.has_z = True
 
-    def add(self, name: str, data: Partition, z: np.ndarray, allow_nonfinite: bool, batch_size: int) -> None:
-        """Check and keep one partition's predictions (non-finite inputs and overflowing outputs flagged)."""
+    def add(self, name: str, data: Partition, z: np.ndarray, allow_nonfinite: bool, batch_size: int,
+            out_of_range: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+        """Check and keep one partition's predictions (non-finite inputs, overflowing outputs and ``out_of_range``
+        inputs, the masks of :func:`out_of_range_rows`, flagged)."""
         n = len(data)
         z = np.asarray(z, dtype=np.float32)
         if z.shape != (n,):
@@ -291,6 +376,17 @@ class _RankOutput:
             self.bad_predictions[name] = int(overflow.sum())
             flag = flag | overflow
             z = np.where(overflow, np.float32(np.nan), z)
+        self.nonfinite_rows += int(np.count_nonzero(flag))
+        if out_of_range is not None:
+            mags, pixels = out_of_range
+            either = mags | pixels
+            if either.any():
+                count = self.out_of_range
+                count["rows"] += int(np.count_nonzero(either))
+                count["magnitudes"] += int(np.count_nonzero(mags))
+                count["pixels"] += int(np.count_nonzero(pixels))
+                count["by_partition"][name] = int(np.count_nonzero(either))
+                flag = flag | either
         self.num_batches += math.ceil(n / batch_size)
         self.rows_per_part[name] = n
         cols = self.columns
@@ -336,28 +432,34 @@ def _predict_partitions(cfg: dict[str, Any], prefetch: bool, parts: list[dict[st
     out = _RankOutput()
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"cai-fetch-{rank}")
     try:
-        pending: Future = pool.submit(_fetch, parts[0], allow_nonfinite)
+        pending: Future = pool.submit(_fetch_checked, parts[0], allow_nonfinite)
         predictor, cold, load_s = _model_for(cfg, cfg["mode"])
         fast_check = None
         phases["model_load"] = load_s
         for i, part in enumerate(parts):
             t0 = time.perf_counter()
-            data, fetch_s, decode_s = pending.result()
+            data, fetch_s, decode_s, out_of_range = pending.result()
             phases["wait"] += time.perf_counter() - t0
             phases["fetch"] += fetch_s
             phases["decode"] += decode_s
             if fast_check is None and cfg["mode"] == "fast" and len(data):
-                predictor, fast_check = checked_model(cfg, predictor, data, part["name"])
+                predictor, fast_check = checked_model(cfg, predictor, data, part["name"],
+                                                      untrusted=out_of_range[0] | out_of_range[1])
                 phases["fast_check"] = fast_check["seconds"]
             if prefetch and i + 1 < len(parts):
-                pending = pool.submit(_fetch, parts[i + 1], allow_nonfinite)
+                pending = pool.submit(_fetch_checked, parts[i + 1], allow_nonfinite)
             n = len(data)
             t0 = time.perf_counter()
-            z = predictor.predict(data.images, data.magnitudes, batch_size=batch_size) if n else np.zeros(0, np.float32)
+            try:
+                z = predictor.predict(data.images, data.magnitudes, batch_size=batch_size) if n else \
+                    np.zeros(0, np.float32)
+            except MemoryError as exc:
+                raise _out_of_memory("predicting", f"partition {part['name']}", n, data.nbytes, exc,
+                                     batch_size) from exc
             phases["inference"] += time.perf_counter() - t0
             if not prefetch and i + 1 < len(parts):
-                pending = pool.submit(_fetch, parts[i + 1], allow_nonfinite)
-            out.add(part["name"], data, z, allow_nonfinite, batch_size)
+                pending = pool.submit(_fetch_checked, parts[i + 1], allow_nonfinite)
+            out.add(part["name"], data, z, allow_nonfinite, batch_size, out_of_range)
             del data
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
@@ -405,8 +507,10 @@ def _rank_record(plan: Plan, rank: int, parts: list[dict[str, Any]], out: _RankO
         "rows": rows,
         "partitions": [p["name"] for p in parts],
         "partition_rows": out.rows_per_part,
-        "nonfinite_rows": int(sum(int(f.sum()) for f in out.columns["flag"])),
+        "nonfinite_rows": out.nonfinite_rows,
         "nonfinite_predictions": out.bad_predictions,
+        "out_of_range_rows": out.out_of_range["rows"],
+        "out_of_range": out.out_of_range,
         "phases": phases,
         "peak_rss_mb": _peak_rss_mb(),
         "cold_start": cold,

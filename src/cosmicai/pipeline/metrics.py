@@ -24,29 +24,45 @@ def _known_truth(zt: np.ndarray) -> np.ndarray:
         return np.isfinite(zt) & (zt >= 0)
 
 
-def _counts(zp: np.ndarray, zt: np.ndarray) -> tuple[np.ndarray, int, int]:
-    """(rows to score, rows of unknown truth, rows of known truth whose prediction is not finite)."""
+def _flags(flag: Any, n: int) -> np.ndarray | None:
+    if flag is None:
+        return None
+    flag = np.asarray(flag, dtype=bool).ravel()
+    if flag.size != n:
+        raise ValueError(f"flag has {flag.size} rows but z_pred has {n}")
+    return flag if flag.any() else None
+
+
+def _counts(zp: np.ndarray, zt: np.ndarray, flag: np.ndarray | None = None) -> tuple[np.ndarray, int, int, int]:
+    """(rows to score, rows of unknown truth, rows of known truth whose prediction is not finite, rows of known
+    truth and finite prediction that are flagged)."""
     if zp.shape != zt.shape:
         raise ValueError(f"z_pred has {zp.size} rows but z_true has {zt.size}")
     known = _known_truth(zt)
     finite = np.isfinite(zp)
     ok = known & finite
-    return ok, int(zt.size - np.count_nonzero(known)), int(np.count_nonzero(known & ~finite))
+    flagged = 0
+    if flag is not None:
+        flagged = int(np.count_nonzero(ok & flag))
+        ok &= ~flag
+    return ok, int(zt.size - np.count_nonzero(known)), int(np.count_nonzero(known & ~finite)), flagged
 
 
-def redshift_metrics(z_pred: Any, z_true: Any) -> dict[str, float | int]:
+def redshift_metrics(z_pred: Any, z_true: Any, flag: Any = None) -> dict[str, float | int]:
     """MAE, MSE, Bias, Precision, R2 and outlier fraction of ``z_pred`` against ``z_true``.
 
     With dz = (zp - z) / (1 + z): Bias = mean(dz), Precision = 1.48 * median(|dz - median(dz)|), outliers are
     |dz| > 0.15. Rows are excluded from the metrics when the true redshift is unknown (negative, e.g. the
     common -1, or NaN/inf: counted in ``n_unknown_z``) or the prediction is not finite (NaN for flagged,
-    non-finite inputs, or an overflow: counted in ``n_nonfinite_pred``); ``n_excluded`` is both together and
-    ``n`` the number of rows scored. With no scorable rows the metrics are NaN.
+    non-finite inputs, or an overflow: counted in ``n_nonfinite_pred``), or the row is ``flag``-ged with a finite
+    prediction (inputs out of range: predicted, but not to be trusted; counted in ``n_out_of_range``);
+    ``n_excluded`` is all of them together and ``n`` the number of rows scored. With no scorable rows the
+    metrics are NaN.
     """
     zp, zt = _as_column(z_pred), _as_column(z_true)
-    ok, unknown, nonfinite = _counts(zp, zt)
+    ok, unknown, nonfinite, flagged = _counts(zp, zt, _flags(flag, zp.size))
     out: dict[str, float | int] = {"n": int(ok.sum()), "n_excluded": int((~ok).sum()), "n_unknown_z": unknown,
-                                   "n_nonfinite_pred": nonfinite}
+                                   "n_nonfinite_pred": nonfinite, "n_out_of_range": flagged}
     zp, zt = zp[ok], zt[ok]
     if zp.size == 0:
         out.update(dict.fromkeys(METRIC_NAMES, float("nan")))
@@ -116,6 +132,7 @@ class MetricsAccumulator:
         self._excluded = 0
         self._unknown = 0
         self._nonfinite = 0
+        self._flagged = 0
         self._outliers = 0
         self._abs_err = _Sum()
         self._sq_err = _Sum()
@@ -123,14 +140,16 @@ class MetricsAccumulator:
         self._zt_m2 = 0.0
         self._result: dict[str, float | int] | None = None
 
-    def add(self, z_pred: Any, z_true: Any) -> None:
-        """Score one chunk of rows (order matters only for the bit-exact medians' inputs, not their values)."""
+    def add(self, z_pred: Any, z_true: Any, flag: Any = None) -> None:
+        """Score one chunk of rows (order matters only for the bit-exact medians' inputs, not their values);
+        rows where ``flag`` is set are not scored (see :func:`redshift_metrics`)."""
         if self._result is not None:
             raise RuntimeError("MetricsAccumulator.add after result()")
         zp, zt = _as_column(z_pred), _as_column(z_true)
-        ok, unknown, nonfinite = _counts(zp, zt)
+        ok, unknown, nonfinite, flagged = _counts(zp, zt, _flags(flag, zp.size))
         self._unknown += unknown
         self._nonfinite += nonfinite
+        self._flagged += flagged
         self._excluded += int(zp.size - np.count_nonzero(ok))
         if not ok.all():
             zp, zt = zp[ok], zt[ok]
@@ -157,7 +176,7 @@ class MetricsAccumulator:
             return dict(self._result)
         n = self._n
         out: dict[str, float | int] = {"n": n, "n_excluded": self._excluded, "n_unknown_z": self._unknown,
-                                       "n_nonfinite_pred": self._nonfinite}
+                                       "n_nonfinite_pred": self._nonfinite, "n_out_of_range": self._flagged}
         if n == 0:
             out.update(dict.fromkeys(METRIC_NAMES, float("nan")))
         else:

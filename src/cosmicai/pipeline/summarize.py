@@ -29,7 +29,7 @@ from ..data.formats import INPUT_BITS_PER_SAMPLE
 from ..errors import CaiError, DataError, StorageError
 from .metrics import MetricsAccumulator, append_grown
 from .plan import Plan, load_plan
-from ..results import PHASES, PREDICTION_COLUMNS
+from ..results import MAGNITUDE_RANGE, PHASES, PIXEL_LIMIT, PREDICTION_COLUMNS
 from ..results import (COMBINED_NAME, ERRORS_DIR, ORIGINAL_KEYS, PREDICTIONS_NAME, RANKS_DIR, RUN_NAME, SUMMARY_NAME,
                       predictions_url, rank_of)
 
@@ -165,9 +165,30 @@ def _summary(result_url: str, plan: Plan, records: dict[int, dict[str, Any]], er
     summary.update(_timing(plan, records, rows_out))
     summary.update(_modes_used(plan, records))
     summary["nonfinite_predictions"] = gathered.nonfinite_summary()
+    summary["out_of_range"] = out_of_range_summary(records)
     summary["duplicate_ids"] = gathered.ids.result()  # before the metrics: their dz array is freed after
     summary["metrics"] = gathered.metrics.result() if gathered.metrics is not None else None
     return summary
+
+
+def out_of_range_summary(records: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """Rows flagged for inputs out of range (``results.MAGNITUDE_RANGE``, ``results.PIXEL_LIMIT``), from the rank
+    records: ``{"rows", "magnitudes", "pixels", "n_partitions", "partitions", "by_partition", "magnitude_range",
+    "pixel_limit"}`` (the first ``NAMED_PARTITIONS`` partitions in rank order are named, with their counts)."""
+    totals = {"rows": 0, "magnitudes": 0, "pixels": 0}
+    parts: dict[str, int] = {}
+    for rank in sorted(records):
+        counts = records[rank].get("out_of_range")
+        if not isinstance(counts, dict):  # a rank recorded before inputs were range-checked
+            continue
+        for key in totals:
+            totals[key] += int(counts.get(key) or 0)
+        for name, count in (counts.get("by_partition") or {}).items():
+            parts[name] = parts.get(name, 0) + int(count)
+    named = list(parts)[:NAMED_PARTITIONS]
+    return {**totals, "n_partitions": len(parts), "partitions": named,
+            "by_partition": {name: parts[name] for name in named},
+            "magnitude_range": list(MAGNITUDE_RANGE), "pixel_limit": PIXEL_LIMIT}
 
 
 def _write(result_url: str, records: dict[int, dict[str, Any]], gathered: _Gathered) -> None:
@@ -335,7 +356,7 @@ class _Gathered:
         if "z_true" in table.column_names:
             if self.metrics is None:
                 self.metrics = MetricsAccumulator(capacity=self.capacity)
-            self.metrics.add(zp, table.column("z_true").to_numpy())
+            self.metrics.add(zp, table.column("z_true").to_numpy(), _flags(table))
         bad = ~np.isfinite(zp)
         n_bad = int(np.count_nonzero(bad))
         if not n_bad:
@@ -581,6 +602,15 @@ def _value_counts(col: Any) -> dict[str, int]:
     return out
 
 
+def _flags(table: Any) -> Any:
+    """The ``flag`` column as a numpy bool array (null, from ranks written without it, is unflagged), or None."""
+    import pyarrow.compute as pc
+
+    if "flag" not in table.column_names:
+        return None
+    return pc.fill_null(table.column("flag"), False).to_numpy(zero_copy_only=False)
+
+
 def _partition_counts(table: Any) -> dict[str, int]:
     if not table.num_rows:
         return {}
@@ -631,6 +661,7 @@ def _timing(plan: Plan, records: dict[int, dict[str, Any]], rows_out: int) -> di
         "workers": dict(sorted(workers.items())),
         "peak_rss_mb": max((float(r.get("peak_rss_mb", 0.0)) for r in recs), default=None),
         "nonfinite_rows": sum(int(r.get("nonfinite_rows", 0)) for r in recs),
+        "out_of_range_rows": sum(int(r.get("out_of_range_rows", 0)) for r in recs),
     }
 
 
