@@ -19,6 +19,10 @@ def _writer_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, metavar="URL", help="output dataset folder (path or s3://bucket/prefix)")
     p.add_argument("--partition-size", default="25MB", metavar="SIZE", help=SIZE_HELP)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--replace", action="store_true",
+                   help="replace a dataset already at --out (removes only its manifest, the partitions it lists and "
+                   "its source record); without it such a dataset is refused, unless this write resumes it (same "
+                   "source, same options)")
     _common(p)
 
 
@@ -66,7 +70,7 @@ def _apply_endpoint(args: argparse.Namespace) -> None:
 def cmd_synth(args: argparse.Namespace) -> int:
     from ..errors import ConfigError
     from ..data.convert import Chunk
-    from ..data.split import rows_per_partition, write_dataset
+    from ..data.split import rows_per_partition, with_id, write_dataset
     from ..data.synth import iter_synthesize
 
     _apply_endpoint(args)
@@ -75,8 +79,10 @@ def cmd_synth(args: argparse.Namespace) -> int:
     rows = rows_per_partition(args.partition_size)
     parts = iter_synthesize(args.galaxies, seed=args.seed, chunk=rows, workers=args.workers, first_id=0)
     chunks = (Chunk("synth", 0, part, has_ids=True) for part in parts)
+    identity = with_id({"source": "synth", "galaxies": args.galaxies, "seed": args.seed, "rows_per_partition": rows})
     report = write_dataset(chunks, args.out, rows, progress=not args.quiet, total_rows=args.galaxies,
-                           description=f"synthetic galaxies, seed {args.seed}, partitions of {args.partition_size}")
+                           description=f"synthetic galaxies, seed {args.seed}, partitions of {args.partition_size}",
+                           identity=identity, replace=args.replace)
     print("\n".join(report.lines()))
     return 0
 
@@ -86,7 +92,7 @@ def cmd_split(args: argparse.Namespace) -> int:
 
     _apply_endpoint(args)
     report = split(args.src, args.out, partition_size=args.partition_size, drop_nonfinite=args.drop_nonfinite,
-                   progress=not args.quiet)
+                   progress=not args.quiet, replace=args.replace)
     print("\n".join(report.lines()))
     return 0
 

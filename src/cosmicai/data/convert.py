@@ -162,6 +162,36 @@ def _require(source: str, keys: Any, what: str) -> None:
                         f"(optional redshift [N], object_id [N])")
 
 
+def _hdf5_dataset(h5: Any, key: str, url: str) -> Any:
+    """Dataset ``/key`` of an open HDF5 file, stored in that file itself: soft and external links (loops
+    included), virtual datasets and external raw storage are refused naming the file and the path, before
+    any link is followed or anything outside the file is read."""
+    import h5py
+
+    where = f"{url}: HDF5 dataset '/{key}'"
+    fix = "store the data in the file itself (e.g. h5copy, or h5py: f['/" + key + "'] = other[...])"
+    link = h5.get(key, getlink=True)
+    if isinstance(link, h5py.ExternalLink):
+        raise DataError(f"{where} is an external link to {link.filename}:{link.path}; cosmicai reads only data "
+                        f"stored in the file: {fix}")
+    if isinstance(link, h5py.SoftLink):
+        raise DataError(f"{where} is a soft link to {link.path}; cosmicai reads only datasets stored under their "
+                        f"own name: {fix}")
+    if not isinstance(link, h5py.HardLink):
+        raise DataError(f"{where} is a {type(link).__name__}, not a dataset stored in the file: {fix}")
+    try:
+        obj = h5[key]
+    except (KeyError, OSError, RuntimeError) as exc:
+        raise DataError(f"{where} cannot be opened ({exc})") from None
+    if not isinstance(obj, h5py.Dataset):
+        raise DataError(f"{url}: '{key}' is an HDF5 group, expected a dataset")
+    if obj.is_virtual or obj.external:
+        what = "a virtual dataset (its data lives in other files)" if obj.is_virtual else \
+            "stored in external raw file(s)"
+        raise DataError(f"{where} is {what}; cosmicai reads only data stored in the file: {fix}")
+    return obj
+
+
 def _iter_hdf5(url: str, chunk_rows: int) -> Iterator[Chunk]:
     import h5py
 
@@ -172,10 +202,7 @@ def _iter_hdf5(url: str, chunk_rows: int) -> Iterator[Chunk]:
             raise DataError(f"{url}: not a readable HDF5 file ({exc})") from None
         with h5:
             _require(url, h5.keys(), "dataset(s)")
-            dsets = {k: h5[k] for k in NPY_KEYS if k in h5}
-            for k, d in dsets.items():
-                if not isinstance(d, h5py.Dataset):
-                    raise DataError(f"{url}: '{k}' is an HDF5 group, expected a dataset")
+            dsets = {k: _hdf5_dataset(h5, k, url) for k in NPY_KEYS if k in h5}
             n = _check_lengths(url, dsets)
             yield from _sliced(url, n, lambda s: {k: d[s] for k, d in dsets.items()}, chunk_rows)
 
@@ -233,12 +260,35 @@ def _fits_columns(url: str, table: Any) -> dict[str, Any]:
     return cols
 
 
+def _fits_scaling(header: Any, url: str) -> Callable[[np.ndarray], np.ndarray] | None:
+    """The FITS scaling of an image HDU (physical = BZERO + BSCALE * stored, BLANK -> NaN) as a function of a
+    raw block returning float32, or None when its values are stored as they are."""
+    bscale, bzero, blank = header.get("BSCALE", 1), header.get("BZERO", 0), header.get("BLANK")
+    integer = int(header.get("BITPIX", -32)) > 0
+    if bscale == 1 and bzero == 0 and not (integer and "BSCALE" in header or integer and "BZERO" in header):
+        return None
+    try:
+        bscale, bzero = float(bscale), float(bzero)
+    except (TypeError, ValueError):
+        raise DataError(f"{url}: FITS image has a non-numeric BSCALE {bscale!r} or BZERO {bzero!r}") from None
+
+    def scale(raw: np.ndarray) -> np.ndarray:
+        out = (np.asarray(raw, dtype=np.float64) * bscale + bzero).astype(np.float32)
+        if integer and blank is not None:
+            out[np.asarray(raw) == blank] = np.nan
+        return out
+
+    return scale
+
+
 def _iter_fits(url: str, chunk_rows: int) -> Iterator[Chunk]:
     from astropy.io import fits
 
     lpath = storage.local_path(url)
     try:
-        hdul = fits.open(lpath if lpath is not None else _open(url), memmap=lpath is not None, lazy_load_hdus=False)
+        # Raw values, so that scaled integers stay memory-mapped; _fits_scaling applies BSCALE/BZERO per chunk.
+        hdul = fits.open(lpath if lpath is not None else _open(url), memmap=lpath is not None, lazy_load_hdus=False,
+                         do_not_scale_image_data=True)
     except (OSError, ValueError, TypeError) as exc:
         raise DataError(f"{url}: not a readable FITS file ({exc})") from None
     with hdul:
@@ -253,6 +303,7 @@ def _iter_fits(url: str, chunk_rows: int) -> Iterator[Chunk]:
             raise DataError(f"{url}: no binary table HDU with magnitudes (and optional redshift, object_id)")
         table = next((t for t in tables if t.name.upper() == "CATALOG"), tables[0])
         images = cubes[0].data
+        scale = _fits_scaling(cubes[0].header, url)
         cols = _fits_columns(url, table)
         rows = table.data
         n = _check_lengths(url, {"images": images, "magnitudes": rows})
@@ -260,7 +311,7 @@ def _iter_fits(url: str, chunk_rows: int) -> Iterator[Chunk]:
         def fetch(s: slice) -> dict[str, Any]:
             block = rows[s]
             mags = cols["magnitudes"]
-            out: dict[str, Any] = {"images": images[s]}
+            out: dict[str, Any] = {"images": images[s] if scale is None else scale(images[s])}
             if isinstance(mags, list):
                 out["magnitudes"] = np.stack([np.asarray(block[c]) for c in mags], axis=1)
             else:

@@ -140,13 +140,30 @@ def _canonical_metadata(data: bytes) -> bytes:
     return data[:8] + text.ljust(hlen, b" ") + data[8 + hlen:]
 
 
-def _check_header(data: bytes | memoryview, source: str) -> dict[str, Any]:
-    """Parse and sanity-check the safetensors header so corrupt files fail with a clear reason."""
-    if len(data) < 8:
-        raise DataError(f"{source}: truncated file ({len(data)} bytes) - not a safetensors partition")
-    hlen = int.from_bytes(bytes(data[:8]), "little")
-    if hlen <= 0 or 8 + hlen > len(data):
-        raise DataError(f"{source}: truncated or corrupt safetensors header (header length {hlen}, file {len(data)} bytes)")
+#: The most header bytes a native partition can have (it holds four tensor entries and three metadata keys, a
+#: few hundred bytes); a longer header length is junk and refused before it is read.
+MAX_HEADER_BYTES = 1 << 16
+
+
+def header_length(head: bytes | memoryview, size: int, source: str) -> int:
+    """The header length a partition's first 8 bytes give; DataError unless it fits a file of ``size`` bytes
+    and MAX_HEADER_BYTES."""
+    if size < 8 or len(head) < 8:
+        raise DataError(f"{source}: truncated file ({min(size, len(head))} bytes) - not a safetensors partition")
+    hlen = int.from_bytes(bytes(head[:8]), "little")
+    if hlen <= 0 or 8 + hlen > size or hlen > MAX_HEADER_BYTES:
+        raise DataError(f"{source}: truncated or corrupt safetensors header (header length {hlen}, file {size} "
+                        f"bytes) - not a cosmicai partition")
+    return hlen
+
+
+def _check_header(data: bytes | memoryview, source: str, size: int | None = None,
+                  listed: str | None = None) -> dict[str, Any]:
+    """Parse and sanity-check the safetensors header so corrupt files fail with a clear reason. ``data`` holds
+    the file (or at least its first ``8 + header length`` bytes, with ``size`` the file's size, or the size
+    ``listed`` says it has: "the manifest", "the plan")."""
+    size = len(data) if size is None else size
+    hlen = header_length(data, size, source)
     try:
         header = json.loads(bytes(data[8:8 + hlen]))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -163,8 +180,11 @@ def _check_header(data: bytes | memoryview, source: str) -> dict[str, Any]:
         end = max((int(info["data_offsets"][1]) for k, info in header.items() if k != "__metadata__"), default=0)
     except (KeyError, TypeError, IndexError, ValueError) as exc:
         raise DataError(f"{source}: corrupt safetensors header (bad tensor entry: {exc!r})") from exc
-    if 8 + hlen + end != len(data):
-        raise DataError(f"{source}: truncated or corrupt partition (expected {8 + hlen + end} bytes, got {len(data)})")
+    if 8 + hlen + end != size:
+        if listed:
+            raise DataError(f"{source}: its header describes {8 + hlen + end} bytes but {listed} lists {size} "
+                            f"(partition changed or truncated since)")
+        raise DataError(f"{source}: truncated or corrupt partition (expected {8 + hlen + end} bytes, got {size})")
     return header
 
 

@@ -51,6 +51,12 @@ def read_legacy_pt(data: bytes, source: str = "partition.pt", allow_nonfinite: b
 
     if not data:
         raise DataError(f"{source}: empty file - not a CAI .pt partition")
+    if data[:4] == b"PK\x03\x04":
+        from ..torchzip import check_zip_sizes
+
+        # torch.save stores partitions uncompressed: their tensors cannot inflate beyond the file itself.
+        check_zip_sizes(data, source, len(data), "the file's own size (torch saves partitions uncompressed)",
+                        error=DataError, damaged="truncated or corrupt .pt file")
     _scan_globals(data, source)
     try:
         # add_safe_globals, not the safe_globals context manager: the context manager edits a process-wide list

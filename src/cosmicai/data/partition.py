@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 from .. import storage
 from ..errors import DataError, StorageError
-from .formats import (MANIFEST_NAME, PARTITION_SUFFIX, Partition, decode_partition, load_partition_file, name_problem,
-                      read_manifest)
+from .formats import (MANIFEST_NAME, PARTITION_SUFFIX, Partition, _check_header, decode_partition, header_length,
+                      load_partition_file, name_problem, read_manifest)
 
 LEGACY_SUFFIX = ".pt"
 PARTITION_SUFFIXES = (PARTITION_SUFFIX, LEGACY_SUFFIX)
@@ -40,13 +40,77 @@ class PartitionRef:
 
 def decode(data: bytes, name: str, allow_nonfinite: bool = False) -> Partition:
     """Decode partition bytes, choosing the format from ``name``'s suffix (.safetensors native, .pt legacy)."""
-    if name.endswith(PARTITION_SUFFIX):
-        return decode_partition(data, source=name, allow_nonfinite=allow_nonfinite)
-    if name.endswith(LEGACY_SUFFIX):
-        from .legacy import read_legacy_pt
+    try:
+        if name.endswith(PARTITION_SUFFIX):
+            return decode_partition(data, source=name, allow_nonfinite=allow_nonfinite)
+        if name.endswith(LEGACY_SUFFIX):
+            from .legacy import read_legacy_pt
 
-        return read_legacy_pt(data, source=name, allow_nonfinite=allow_nonfinite)
+            return read_legacy_pt(data, source=name, allow_nonfinite=allow_nonfinite)
+    except MemoryError:
+        raise _out_of_memory(name, len(data), "decoding") from None
     raise DataError(f"{name}: unsupported partition format (expected a {PARTITION_SUFFIX} or {LEGACY_SUFFIX} file)")
+
+
+def _out_of_memory(url: str, size: int | None, doing: str) -> DataError:
+    held = f"{size:,}-byte" if size is not None else "this"
+    return DataError(f"{url}: out of memory {doing} the {held} partition; give the worker more memory or split "
+                     f"the dataset into smaller partitions (cai data split --partition-size)")
+
+
+#: What a ``.pt`` partition starts with: a zip archive (torch >= 1.6) or a protocol-2 pickle (older torch).
+LEGACY_MAGIC = (b"PK\x03\x04", b"\x80\x02")
+#: Bytes read to check a partition's head before its body (a native header is a few hundred bytes).
+HEAD_BYTES = 4096
+
+
+def _read_range(url: str, start: int, end: int) -> bytes:
+    """Bytes ``start`` to ``end`` (exclusive) of ``url``: one ranged read, never the whole object."""
+    lpath = storage.local_path(url)
+    try:
+        if lpath is not None:
+            with open(lpath, "rb") as fh:
+                fh.seek(start)
+                return fh.read(end - start)
+        fs, path = storage.filesystem(url)
+        return fs.cat_file(path, start=start, end=end)
+    except FileNotFoundError:
+        raise StorageError(f"{url}: no such file") from None
+    except (OSError, ValueError) as exc:
+        raise StorageError(f"{url}: cannot read ({exc})") from None
+
+
+def check_head(url: str, size: int, listed: str | None = None) -> None:
+    """DataError naming ``url`` unless its first bytes make it a partition of ``size`` bytes (its own, or the
+    size ``listed`` gives: "the manifest", "the plan"): for a native partition the whole safetensors header is
+    read and checked (format, tensor offsets adding up to ``size``); for a ``.pt`` partition the magic number.
+    Reads at most a few KiB."""
+    if size == 0:
+        raise DataError(f"{url}: empty file (0 bytes) - not a partition")
+    head = _read_range(url, 0, min(size, HEAD_BYTES))
+    if url.endswith(LEGACY_SUFFIX):
+        if not head.startswith(LEGACY_MAGIC):
+            raise DataError(f"{url}: not a torch .pt partition (first bytes {head[:8]!r}, file {size:,} bytes)")
+        return
+    hlen = header_length(head, size, url)
+    if 8 + hlen > len(head):
+        head += _read_range(url, len(head), 8 + hlen)
+    _check_header(head, url, size=size, listed=listed)
+
+
+def read_partition_bytes(url: str, size: int | None = None, listed: str = "the manifest or plan") -> bytes:
+    """The bytes of partition ``url``, read only after :func:`check_head` found a partition of ``size`` bytes
+    (the size ``listed`` gives; by default the file's own). A junk file named like a partition fails in one
+    line without its body being read; running out of memory names the file and its size."""
+    if size is None:
+        size, listed = storage.size(url), None
+        if size is None:
+            raise StorageError(f"{url}: no such file")
+    check_head(url, size, listed)
+    try:
+        return storage.read_bytes(url)
+    except MemoryError:
+        raise _out_of_memory(url, size, "reading") from None
 
 
 def read_partition(url: str, allow_nonfinite: bool = False) -> Partition:
@@ -63,7 +127,9 @@ def read_partition(url: str, allow_nonfinite: bool = False) -> Partition:
             if isinstance(exc, DataError):
                 raise
             raise DataError(f"{url}: empty or unreadable partition ({exc})") from None
-    return decode(storage.read_bytes(url), url, allow_nonfinite=allow_nonfinite)
+        except MemoryError:
+            raise _out_of_memory(url, storage.size(url), "decoding") from None
+    return decode(read_partition_bytes(url), url, allow_nonfinite=allow_nonfinite)
 
 
 def list_partitions(dataset_url: str) -> list[PartitionRef]:

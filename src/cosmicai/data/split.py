@@ -8,29 +8,40 @@ the original runs processed; docs/data.md shows how the unit was derived from th
 Partitions are named ``part-000001.safetensors`` ... (numeric order = name order). Each is written
 atomically; one whose bytes already exist with the same SHA-256 is skipped (resume); ``manifest.json`` is
 written last, so a dataset with a manifest is always complete.
+
+A writer never replaces a dataset. Before the first partition it records what it writes from in
+``.cai-source.json`` (the source's canonical URL, the name, size and fingerprint of each of its files or the
+digest of its manifest, the rows per partition and the NaN policy, and a digest of all that). A later write to
+the same folder goes ahead only when that digest is the same (a resume of the same source) or when asked to
+replace the dataset; then only the old manifest, the partitions it lists and the source record are removed.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import sys
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
 from .. import sizes, storage
 from ..errors import ConfigError, DataError, StorageError
-from .convert import Chunk, open_source
+from .convert import Chunk, Source, open_source
 from .formats import (MANIFEST_NAME, PARTITION_SUFFIX, Manifest, Partition, PartitionEntry, encode_partition,
                       read_manifest, sha256_hex, write_manifest)
+from .partition import PARTITION_SUFFIXES
 
 #: Bytes per sample as partition sizes count them. The original's partitions (5,113 rows per 100MB, 1,278 per
 #: 25MB, 2,556 per 50MB, with MB = 2**20) imply 20,505-20,508 bytes; we take 20,508 (see docs/data.md).
 SIZE_SAMPLE_BYTES = 20_508
 PARTITION_RE = re.compile(r"^part-(\d+)\.safetensors$")
 WRITE_THREADS = 4
+#: What a dataset was written from (see the module docstring); kept beside the manifest.
+SOURCE_RECORD = ".cai-source.json"
 
 
 def rows_per_partition(partition_size: str | int) -> int:
@@ -138,17 +149,116 @@ def _write_one(url: str, data: bytes, digest: str, listed_digest: str | None) ->
     return True
 
 
-def _previous_digests(out_url: str) -> dict[str, str]:
+def source_identity(src: str, source: Source, rows: int, drop_nonfinite: bool) -> dict[str, Any]:
+    """What a write from ``source`` is: its canonical URL, its files' names, sizes and fingerprints (or its
+    manifest's digest), the rows per partition and the NaN policy, with ``id``, the digest of them all."""
+    if source.kind == "native-dataset":
+        content: dict[str, Any] = {"manifest_sha256": sha256_hex(storage.read_bytes(storage.join(src, MANIFEST_NAME)))}
+    else:
+        wanted = set(source.files)
+        if storage.size(src) is not None:
+            found = storage.file_info(src)
+            listed = [(src, *found)] if found else []
+        else:
+            listed = [item for item in storage.list_files_with_info(src) if item[0] in wanted]
+        content = {"files": [[storage.basename(u), n, mark] for u, n, mark in listed]}
+    return with_id({"source": _canonical(src), **content, "rows_per_partition": int(rows),
+                    "drop_nonfinite": bool(drop_nonfinite)})
+
+
+def with_id(identity: dict[str, Any]) -> dict[str, Any]:
+    """``identity`` plus ``id``: the SHA-256 of its canonical JSON (without ``id``)."""
+    body = {k: v for k, v in identity.items() if k != "id"}
+    return {**body, "id": sha256_hex(json.dumps(body, sort_keys=True).encode())}
+
+
+def _canonical(url: str) -> str:
+    lpath = storage.local_path(url)
+    return os.path.realpath(lpath) if lpath is not None else url.rstrip("/")
+
+
+def _read_record(url: str) -> dict[str, Any] | None:
+    """The source record at ``url``: None when absent, ``{}`` when unreadable."""
+    if not storage.exists(url):
+        return None
     try:
-        old = read_manifest(out_url)
-    except (DataError, StorageError):
+        record = storage.read_json(url)
+    except StorageError:
         return {}
-    return {e.name: e.sha256 for e in old.partitions} if old else {}
+    return record if isinstance(record, dict) else {}
+
+
+def claim_output(out_url: str, identity: dict[str, Any] | None, replace: bool) -> dict[str, str]:
+    """Decide whether a write may go to ``out_url`` (see the module docstring): returns the previous
+    manifest's digests by name when resuming, ``{}`` otherwise; ConfigError when refused."""
+    if storage.size(out_url) is not None:
+        raise ConfigError(f"--out {out_url}: is a file; give a folder for the dataset")
+    record_url = storage.join(out_url, SOURCE_RECORD)
+    try:
+        old, unreadable = read_manifest(out_url), None
+    except (DataError, StorageError) as exc:
+        old, unreadable = None, str(exc)
+    record = _read_record(record_url)
+    parts = [storage.basename(u) for u in storage.list_files(out_url, suffixes=PARTITION_SUFFIXES)]
+    if old is None and unreadable is None and record is None and not parts:
+        return {}
+    if identity is not None and record and record.get("id") == identity.get("id"):
+        return {e.name: e.sha256 for e in old.partitions} if old else {}
+    what = _describe(old, unreadable, record, parts, identity)
+    if not replace:
+        raise ConfigError(f"--out {out_url} already holds a dataset ({what}); it is left as it is: use --replace "
+                          f"to replace it, or choose another --out")
+    if unreadable is not None:
+        raise ConfigError(f"--out {out_url}: cannot replace the dataset there, its manifest is unreadable "
+                          f"({unreadable}); move the folder away or choose another --out")
+    if old is None and record is None:
+        raise ConfigError(f"--out {out_url} holds {len(parts)} partition file(s) ({', '.join(parts[:3])}"
+                          f"{' ...' if len(parts) > 3 else ''}) and no manifest.json, so which files are the "
+                          f"dataset's is unknown; --replace removes only a manifest's files: move them away or "
+                          f"choose another --out")
+    _remove_dataset(out_url, old, record, parts)
+    return {}
+
+
+def _describe(old: Manifest | None, unreadable: str | None, record: dict[str, Any] | None, parts: list[str],
+              identity: dict[str, Any] | None) -> str:
+    if old is not None:
+        text = f"{MANIFEST_NAME}: {len(old.partitions)} partition(s), {old.total_rows} rows"
+    elif unreadable is not None:
+        text = f"an unreadable {MANIFEST_NAME}"
+    elif record is not None:
+        text = f"an unfinished write, {len(parts)} partition file(s) and no {MANIFEST_NAME} yet"
+    else:
+        text = f"{len(parts)} partition file(s) and no {MANIFEST_NAME}"
+    if record and record.get("source"):
+        same_url = identity is not None and record.get("source") == identity.get("source")
+        text += (f", written from {record['source']}, which has changed since or was written with other options"
+                 if same_url else f", written from {record['source']}")
+    elif record is None and old is not None:
+        text += ", with no record of its source"
+    return text
+
+
+def _remove_dataset(out_url: str, old: Manifest | None, record: dict[str, Any] | None, parts: list[str]) -> None:
+    """Remove a dataset's own files only: its manifest first (never a manifest that lists missing files), then
+    the partitions it lists, or without a manifest the ``part-NNNNNN`` files of the unfinished write that
+    ``record`` describes; then the record."""
+    storage.remove(storage.join(out_url, MANIFEST_NAME))
+    names = [e.name for e in old.partitions] if old is not None else [p for p in parts if PARTITION_RE.match(p)]
+    for name in names:
+        storage.remove(storage.join(out_url, name))
+    if record is not None:
+        storage.remove(storage.join(out_url, SOURCE_RECORD))
 
 
 def write_dataset(chunks: Iterable[Chunk], out_url: str, rows: int, drop_nonfinite: bool = False,
-                  progress: bool = False, total_rows: int | None = None, description: str = "") -> WriteReport:
-    """Write the chunks' rows as native partitions of ``rows`` rows, then ``manifest.json``; resumable."""
+                  progress: bool = False, total_rows: int | None = None, description: str = "",
+                  identity: dict[str, Any] | None = None, replace: bool = False) -> WriteReport:
+    """Write the chunks' rows as native partitions of ``rows`` rows, then ``manifest.json``.
+
+    ``identity`` (from :func:`source_identity`) names what is written: a dataset already at ``out_url`` is
+    resumed when it was written from the same identity, replaced when ``replace`` is true, else refused
+    (ConfigError naming it) before anything is read or written."""
     from tqdm import tqdm
 
     if rows < 1:
@@ -156,7 +266,7 @@ def write_dataset(chunks: Iterable[Chunk], out_url: str, rows: int, drop_nonfini
     report = WriteReport(out_url, Manifest(partitions=[]))
     entries: list[PartitionEntry] = []
     futures: list[tuple[str, Future]] = []
-    previous = _previous_digests(out_url)
+    previous = claim_output(out_url, identity, replace)
     manifest_cleared = False
     first_row = 0
     has_redshift = True
@@ -168,6 +278,8 @@ def write_dataset(chunks: Iterable[Chunk], out_url: str, rows: int, drop_nonfini
             if not manifest_cleared:
                 # The manifest is rewritten last; until then an old one must not describe changing files.
                 storage.remove(storage.join(out_url, MANIFEST_NAME))
+                if identity is not None:
+                    storage.write_json(storage.join(out_url, SOURCE_RECORD), identity)
                 manifest_cleared = True
             digest = sha256_hex(data)
             entries.append(PartitionEntry(name=name, rows=len(part), bytes=len(data), sha256=digest,
@@ -199,26 +311,39 @@ def _collect(item: tuple[str, Future], report: WriteReport) -> None:
 def _same_place(a: str, b: str) -> bool:
     la, lb = storage.local_path(a), storage.local_path(b)
     if la is not None and lb is not None:
-        import os
-
         return os.path.realpath(la) == os.path.realpath(lb)
     return a.rstrip("/") == b.rstrip("/")
 
 
+def _inside(src: str, out: str) -> bool:
+    """True when ``src`` lies inside the folder ``out``."""
+    a, b = _canonical(src), _canonical(out)
+    return a.startswith(b.rstrip("/") + "/")
+
+
 def split(src: str, out: str, partition_size: str | int = "25MB", drop_nonfinite: bool = False,
-          progress: bool = False) -> WriteReport:
-    """Re-partition any readable source (dataset, partition file, FITS/HDF5/npz/npy) into ``out``."""
+          progress: bool = False, replace: bool = False) -> WriteReport:
+    """Re-partition any readable source (dataset, partition file, FITS/HDF5/npz/npy) into ``out``.
+
+    A dataset already at ``out`` is resumed when written from the same source with the same options, replaced
+    when ``replace`` is true, else refused (see the module docstring)."""
     rows = rows_per_partition(partition_size)
     if _same_place(src, out):
         raise ConfigError(f"--out {out}: the output must differ from the source {src}")
+    if replace and _inside(src, out):
+        raise ConfigError(f"--out {out}: the source {src} is inside it, so replacing it would delete the source; "
+                          f"choose another --out")
     source = open_source(src)
+    identity = source_identity(src, source, rows, drop_nonfinite)
     return write_dataset(source.chunks(), out, rows, drop_nonfinite=drop_nonfinite, progress=progress,
                          total_rows=source.total_rows,
-                         description=f"from {src} ({source.kind}), partitions of {partition_size}")
+                         description=f"from {src} ({source.kind}), partitions of {partition_size}",
+                         identity=identity, replace=replace)
 
 
 def convert(src: str, out: str, partition_size: str | int = "25MB", drop_nonfinite: bool = False,
-            progress: bool = False) -> WriteReport:
+            progress: bool = False, replace: bool = False) -> WriteReport:
     """Convert any supported source (see :mod:`.convert`) into native partitions + manifest at ``out``: the
     same as :func:`split`, under the name ``cai data convert`` uses."""
-    return split(src, out, partition_size=partition_size, drop_nonfinite=drop_nonfinite, progress=progress)
+    return split(src, out, partition_size=partition_size, drop_nonfinite=drop_nonfinite, progress=progress,
+                 replace=replace)

@@ -9,9 +9,9 @@ from typing import Any
 import numpy as np
 
 from .. import storage
-from ..errors import CaiError
+from ..errors import CaiError, DataError
 from .formats import PARTITION_SUFFIX, read_manifest, sha256_hex
-from .partition import PartitionRef, decode, list_partitions
+from .partition import PartitionRef, decode, list_partitions, read_partition_bytes
 
 VERIFY_THREADS = 4
 
@@ -63,7 +63,9 @@ def _check(ref: PartitionRef) -> tuple[int, str | None, np.ndarray | None]:
     """Rows in the partition, the problem found (None if intact) and a copy of its object ids (None for
     legacy ``.pt`` partitions, whose ids are row indices, and for partitions that do not decode)."""
     try:
-        data = storage.read_bytes(ref.url)
+        data = read_partition_bytes(ref.url, ref.bytes, "the manifest" if ref.sha256 else "the listing")
+    except DataError as exc:  # not a partition: said by its header, before its body was read
+        return 0, str(exc), None
     except CaiError as exc:
         return 0, f"unreadable ({exc})", None
     if ref.sha256 is not None:

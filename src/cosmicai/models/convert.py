@@ -30,6 +30,7 @@ from torch import nn
 
 from ..errors import ModelError, UnsafePickleError
 from .weights_io import USE_WEIGHTS as _USE
+from ..torchzip import check_zip_sizes, read_member
 from .weights_io import InputNorm, file_kind, load_safetensors, refuse_kind
 
 #: The original model's own classes, and timm 0.4.12 classes it contains (module -> class names).
@@ -46,7 +47,11 @@ _STORAGE_DTYPES = {
     "FloatStorage": torch.float32, "DoubleStorage": torch.float64, "HalfStorage": torch.float16,
     "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
     "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8, "BoolStorage": torch.bool,
+    "UntypedStorage": torch.uint8,
 }
+#: A checkpoint's tensors may hold at most this many times AstroMAE's fp32 weights (room for float64 copies,
+#: the authors' duplicate and unused tensors, optimizer moments); checked before anything is inflated.
+CHECKPOINT_SIZE_FACTOR = 4
 
 
 class StandIn:
@@ -148,9 +153,14 @@ def unpickle_checkpoint(data: bytes, source: str = "checkpoint") -> Any:
     def load_storage(key: str, dtype: torch.dtype, numel: int) -> torch.Tensor:
         if key not in cache:
             try:
-                raw = zf.read(f"{prefix}data/{key}")
+                info = zf.getinfo(f"{prefix}data/{key}")
             except KeyError as exc:
                 raise ModelError(f"{source}: storage '{key}' is missing from the archive") from exc
+            need = numel * torch.empty(0, dtype=dtype).element_size()
+            if info.file_size != need:
+                raise ModelError(f"{source}: storage '{key}' inflates to {info.file_size:,} bytes but its tensors "
+                                 f"declare {need:,}; refused before inflating it")
+            raw = read_member(zf, info)
             flat = torch.frombuffer(bytearray(raw), dtype=dtype) if raw else torch.empty(0, dtype=dtype)
             if flat.numel() != numel:
                 raise ModelError(f"{source}: storage '{key}' holds {flat.numel()} elements, expected {numel}")
@@ -158,11 +168,43 @@ def unpickle_checkpoint(data: bytes, source: str = "checkpoint") -> Any:
         return cache[key]
 
     try:
-        return _RestrictedUnpickler(zf.read(pkl[0]), load_storage, source).load()
+        return _RestrictedUnpickler(read_member(zf, zf.getinfo(pkl[0])), load_storage, source).load()
     except (UnsafePickleError, ModelError):
         raise
     except Exception as exc:
         raise ModelError(f"{source}: cannot read the pickled checkpoint: {type(exc).__name__}: {exc}") from exc
+
+
+def check_declared_sizes(data: bytes, source: str, limit: int) -> None:
+    """Before anything in a torch zip checkpoint is inflated: its members may declare at most ``limit`` bytes in
+    all, and each storage the pickle names must declare exactly the bytes its tensors need. The pickle is walked
+    by the restricted unpickler with storages on torch's ``meta`` device (nothing allocated); a pickle it
+    refuses is left to the readers below, still within ``limit``."""
+    zf = check_zip_sizes(data, source, limit, f"{CHECKPOINT_SIZE_FACTOR}x AstroMAE's fp32 weights, the most an "
+                         f"AstroMAE checkpoint holds", error=ModelError)
+    pkl = [i for i in zf.infolist() if i.filename.endswith("/data.pkl") or i.filename == "data.pkl"]
+    if not pkl:
+        return
+    prefix = pkl[0].filename[: -len("data.pkl")]
+
+    def declare(key: str, dtype: torch.dtype, numel: int) -> torch.Tensor:
+        need = numel * torch.empty(0, dtype=dtype).element_size()
+        try:
+            size = zf.getinfo(f"{prefix}data/{key}").file_size
+        except KeyError:
+            raise ModelError(f"{source}: storage '{key}' is missing from the archive") from None
+        if size != need:
+            raise ModelError(f"{source}: storage '{key}' inflates to {size:,} bytes but its tensors declare "
+                             f"{need:,}; refused before inflating it")
+        return torch.empty(numel, dtype=dtype, device="meta")
+
+    try:
+        _RestrictedUnpickler(read_member(zf, pkl[0]), declare, source).load()
+    except ModelError as exc:
+        if "refused before inflating" in str(exc) or "is missing from the archive" in str(exc):
+            raise
+    except Exception:  # noqa: BLE001 - globals it refuses, or a pickle it cannot walk: the readers decide
+        pass
 
 
 def stand_in_state_dict(obj: Any, prefix: str = "") -> OrderedDict[str, torch.Tensor]:
@@ -361,6 +403,7 @@ def read_checkpoint(data: bytes, source: str = "weights"
         tensors, meta = load_safetensors(data, source, framework="torch")
         state, report = map_state_dict(tensors, net, source)
         return state, InputNorm.from_json(meta.get(NORM_KEY), source), report
+    check_declared_sizes(data, source, CHECKPOINT_SIZE_FACTOR * 4 * sum(t.numel() for t in net.state_dict().values()))
     try:
         zipfile.ZipFile(io.BytesIO(data)).testzip()
     except (zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:  # testzip re-reads and CRC-checks members

@@ -183,6 +183,8 @@ class OrtRunner:
 
     def __call__(self, images: np.ndarray, magnitudes: np.ndarray) -> np.ndarray:
         n = images.shape[0]
+        if n == 0:
+            return np.empty(0, dtype=np.float32)
         feats = np.empty((n, self.n_features), dtype=np.float32)
         out = np.empty(n, dtype=np.float32)
 

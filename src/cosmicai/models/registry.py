@@ -137,7 +137,7 @@ class Predictor:
             return out
         n = images.shape[0]
         out = np.full(n, np.nan, dtype=np.float32)
-        bad = ~np.isfinite(images.reshape(n, -1)).all(axis=1) | ~np.isfinite(magnitudes).all(axis=1)
+        bad = ~np.isfinite(images.reshape(n, int(np.prod(images.shape[1:])))).all(axis=1) | ~np.isfinite(magnitudes).all(axis=1)
         self.last_flagged = np.flatnonzero(bad).astype(np.int64)
         rows = np.flatnonzero(~bad) if bad.any() else None
         # On CPU the torch engine computes in cache-sized chunks (same numbers, fewer cache misses on the
