@@ -2,16 +2,28 @@
 
 Each batch job starts ``processes`` Dask worker processes (one per GPU when GPUs are requested, else one),
 each running one task at a time (``--nthreads 1``) with ``cores // processes`` torch/OpenMP threads.
+
+Submission is checked, not assumed: :func:`make_cluster` returns a cluster whose jobs report what the scheduler
+answered (:class:`Submissions`); :meth:`Submissions.wait` returns the job ids once every job was accepted, or
+cancels the accepted ones and raises :class:`SubmitError` with the scheduler's own message. Each ``sbatch`` /
+``qsub`` call is bounded by ``submit_timeout`` seconds.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
+import shlex
+import shutil
+import subprocess
+import threading
+import time
+import weakref
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from ..errors import ConfigError
+from ..errors import CaiError, ConfigError
 from .env import THREAD_VARS
 
 KINDS = ("slurm", "pbs")
@@ -39,6 +51,7 @@ class JobSpec:
     job_extra: list[str] = field(default_factory=list)
     prologue: list[str] = field(default_factory=list)
     dashboard_address: str = ":8787"
+    submit_timeout: float = 60.0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -68,6 +81,9 @@ class JobSpec:
             raise ConfigError(f"cluster: memory must be a size such as '16GB', got {self.memory!r} ({exc})") from None
         if not _WALLTIME.match(str(self.walltime)):
             raise ConfigError(f"cluster: walltime must look like HH:MM:SS or D-HH:MM:SS, got {self.walltime!r}")
+        timeout = self.submit_timeout
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 3600:
+            raise ConfigError(f"cluster: submit_timeout must be seconds in (0, 3600], got {timeout!r}")
         for name in ("job_extra", "prologue"):
             value = getattr(self, name)
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
@@ -169,11 +185,151 @@ def _classes(kind: str) -> tuple[Any, Any]:
     return PBSCluster, PBSJob
 
 
+class SubmitError(CaiError):
+    """The batch system refused (or did not answer) a job submission; the message carries its own words."""
+
+
+#: Seconds allowed to the cancel command (scancel/qdel) of the jobs already accepted when another was refused.
+CANCEL_TIMEOUT_S = 30.0
+
+
+def _one_line(text: str, limit: int = 400) -> str:
+    line = "; ".join(part.strip() for part in text.splitlines() if part.strip())
+    return line if len(line) <= limit else line[:limit - 3] + "..."
+
+
+class Submissions:
+    """What the batch system answered to each job of a cluster (written by the jobs on the cluster's event loop,
+    read by the command through :meth:`wait`)."""
+
+    def __init__(self, kind: str, expected: int, submit_command: str, cancel_command: str) -> None:
+        self.kind, self.expected = kind, expected
+        self.submit_command, self.cancel_command = submit_command, cancel_command
+        self.ids: list[str] = []
+        self.errors: list[str] = []
+        self._jobs: weakref.WeakSet = weakref.WeakSet()  # weak: the cluster asserts closed jobs are gone
+        self._cond = threading.Condition()
+
+    def accepted(self, job: Any) -> None:
+        with self._cond:
+            self.ids.append(str(job.job_id))
+            self._jobs.add(job)
+            self._cond.notify_all()
+
+    def refused(self, message: str) -> None:
+        with self._cond:
+            self.errors.append(message)
+            self._cond.notify_all()
+
+    def wait(self, timeout: float) -> list[str]:
+        """The accepted job ids once all ``expected`` jobs were answered; otherwise (a refusal, or no answer within
+        ``timeout`` s) the accepted jobs are cancelled and :class:`SubmitError` raised, on one line."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while len(self.ids) + len(self.errors) < self.expected:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(min(left, 0.5))
+            ids, errors = list(self.ids), list(self.errors)
+        if not errors and len(ids) == self.expected:
+            return ids
+        answered = len(ids) + len(errors)
+        what = errors[0] if errors else (f"{self.submit_command} answered {answered} of {self.expected} "
+                                         f"submission(s) within {timeout:g} s")
+        raise SubmitError(f"cai cluster {self.kind}: {what}{self._refused_count(errors)}; {self.cancel()}; check "
+                          "the job options (--account, --queue, --memory, --walltime; --dry-run prints the script)")
+
+    def _refused_count(self, errors: list[str]) -> str:
+        return f" ({len(errors)} of {self.expected} job(s) refused)" if self.expected > 1 else ""
+
+    def cancel(self) -> str:
+        """Cancel every accepted job (one ``scancel``/``qdel`` call, bounded); says what was done."""
+        with self._cond:
+            ids, jobs = list(self.ids), list(self._jobs)
+        if not ids:
+            return "no job was submitted"
+        cmd = shlex.split(self.cancel_command) + ids
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=CANCEL_TIMEOUT_S)
+            failed = _one_line(done.stderr) if done.returncode else ""
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            failed = str(exc)
+        for job in jobs:  # cancelled here: closing the cluster must not cancel them again
+            job.job_id = None
+        listed = ", ".join(ids)
+        if failed:
+            return (f"cancelling the {len(ids)} job(s) already submitted ({listed}) failed ({failed}): "
+                    "cancel them by hand")
+        return f"cancelled the {len(ids)} job(s) already submitted ({listed})"
+
+
+def _tracked_job_class(base: Any, submissions: Submissions, timeout: float) -> Any:
+    """``base`` (SLURMJob / PBSJob) whose submission is bounded by ``timeout`` s and reported to ``submissions``;
+    a refused job ends as ``failed`` instead of raising inside the cluster's event loop (where the message would
+    only be logged, with a traceback, and the run would wait for workers that never come)."""
+    from distributed.core import Status
+
+    class TrackedJob(base):  # type: ignore[misc, valid-type]
+        async def _submit_job(self, script_filename: str) -> str:
+            cmd = shlex.split(self.submit_command) + [script_filename]
+            try:
+                proc = await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.PIPE,
+                                                            stderr=asyncio.subprocess.PIPE)
+            except OSError as exc:
+                raise SubmitError(f"cannot run {cmd[0]} ({exc.strerror or exc})") from None
+            try:
+                out, err = await asyncio.wait_for(proc.communicate(), timeout)
+            except asyncio.TimeoutError:
+                proc.kill()
+                await proc.wait()
+                raise SubmitError(f"{cmd[0]} did not answer within {timeout:g} s (is the batch system "
+                                  "reachable? submit_timeout sets the limit)") from None
+            if proc.returncode:
+                said = _one_line(err.decode(errors="replace") or out.decode(errors="replace")) or "(no message)"
+                raise SubmitError(f"{cmd[0]} refused the job (exit status {proc.returncode}): {said}")
+            return out.decode(errors="replace")
+
+        def __await__(self) -> Any:
+            async def _start() -> Any:
+                async with self.lock:
+                    if self.status == Status.created:
+                        try:
+                            await self.start()
+                        except Exception as exc:  # noqa: BLE001 - reported to the command, which names it
+                            self.status = Status.failed
+                            submissions.refused(_one_line(str(exc)) or type(exc).__name__)
+                        else:
+                            submissions.accepted(self)
+                return self
+
+            return _start().__await__()
+
+    TrackedJob.__name__ = TrackedJob.__qualname__ = f"Tracked{base.__name__}"
+    return TrackedJob
+
+
+def check_submit_command(spec: JobSpec) -> None:
+    """ConfigError (before anything starts) when the batch system's submit command is not on PATH here."""
+    _, job_cls = _classes(spec.kind)
+    name = shlex.split(job_cls.submit_command)[0]
+    if shutil.which(name) is None:
+        raise ConfigError(f"cai cluster {spec.kind}: {name} was not found on PATH; run this on a login node of the "
+                          f"{spec.kind.upper()} cluster (where `{name}` works), or load its module first")
+
+
 def make_cluster(spec: JobSpec) -> Any:
-    """Build (but do not scale) the dask-jobqueue cluster for ``spec``; its scheduler runs in this process."""
+    """Build (but do not scale) the dask-jobqueue cluster for ``spec``; its scheduler runs in this process.
+
+    ``cluster.cai_submissions`` (a :class:`Submissions` expecting ``spec.jobs`` answers) reports how the batch
+    system answered each submission once the cluster is scaled."""
     spec.validate()
-    cluster_cls, _ = _classes(spec.kind)
-    return cluster_cls(**spec.cluster_kwargs())
+    cluster_cls, job_cls = _classes(spec.kind)
+    submissions = Submissions(spec.kind, spec.jobs, job_cls.submit_command, job_cls.cancel_command)
+    cluster = cluster_cls(job_cls=_tracked_job_class(job_cls, submissions, float(spec.submit_timeout)),
+                          **spec.cluster_kwargs())
+    cluster.cai_submissions = submissions
+    return cluster
 
 
 def job_script(spec: JobSpec, scheduler: str = "tcp://SCHEDULER-ADDRESS:8786") -> str:

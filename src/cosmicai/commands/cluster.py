@@ -12,7 +12,9 @@ from typing import Any, Sequence
 
 OPTIONS = ("jobs", "cores", "memory", "walltime", "gpus", "processes", "queue", "account", "python",
            "interface", "local_directory", "log_directory", "job_name", "job_extra", "prologue",
-           "dashboard_address")
+           "dashboard_address", "submit_timeout")
+#: Seconds, beyond ``submit_timeout``, allowed for every submission of the run to be answered.
+SUBMIT_MARGIN_S = 15.0
 
 
 def register(subparsers: Any) -> None:
@@ -53,6 +55,9 @@ def register(subparsers: Any) -> None:
         p.add_argument("--prologue", action="append",
                        help="shell line run before the worker starts, repeatable (e.g. 'module load cuda')")
         p.add_argument("--dashboard-address", dest="dashboard_address", help="scheduler dashboard (default :8787)")
+        p.add_argument("--submit-timeout", dest="submit_timeout", type=float, metavar="S",
+                       help=f"seconds each {'sbatch' if kind == 'slurm' else 'qsub'} call may take before the "
+                            "submission counts as failed (default 60)")
         p.add_argument("--dry-run", action="store_true", help="print the job script and exit; submit nothing")
         p.add_argument("run_args", nargs="*", metavar="RUN_ARGS",
                        help="after `--`: arguments for `cai run` (a config file and/or options)")
@@ -121,7 +126,7 @@ def run_on_cluster(cluster: Any, run_args: Sequence[str], threads: int, gpus: in
 
 def cmd_cluster(args: argparse.Namespace) -> int:
     """``cai cluster slurm|pbs``: print the job script (--dry-run) or submit the jobs and run."""
-    from ..backends.jobqueue import job_script, make_cluster
+    from ..backends.jobqueue import check_submit_command, job_script, make_cluster
     from ..errors import ConfigError
 
     spec, run_args = build_spec(args)
@@ -134,11 +139,13 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     if not run_args:
         raise ConfigError("cai cluster: nothing to run; give `cai run` arguments after `--` "
                           "(or `run:` in the --config file), or use --dry-run to see the job script")
+    check_submit_command(spec)
     cluster = make_cluster(spec)
     try:
         cluster.scale(jobs=spec.jobs)
-        print(f"cai: submitted {spec.jobs} {spec.kind} job(s); scheduler {cluster.scheduler_address}, "
-              f"dashboard {cluster.dashboard_link}", file=sys.stderr)
+        ids = cluster.cai_submissions.wait(spec.submit_timeout + SUBMIT_MARGIN_S)
+        print(f"cai: submitted {len(ids)} {spec.kind} job(s) ({', '.join(ids)}); scheduler "
+              f"{cluster.scheduler_address}, dashboard {cluster.dashboard_link}", file=sys.stderr)
         pin = spec.gpus if spec.gpus > 1 and spec.worker_processes == spec.gpus else 0
         return run_on_cluster(cluster, run_args, spec.threads_per_process, spec.gpus, pin)
     finally:
