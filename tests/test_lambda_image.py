@@ -6,7 +6,10 @@ runtime puts /var/task.
 
 Then, in that environment only (no torch, galsim, astropy, dask, matplotlib), the real handlers run in a warm
 worker process (tests/lambda_runner.py's worker protocol) against a real local S3 server: initialize ->
-infer on every task -> summarize; rows in == rows out and the predictions equal this (full) install's.
+infer on every task -> summarize; rows in == rows out and the predictions equal this (full) install's. The same
+handlers also run through the Lambda Runtime Interface Emulator (``aws-lambda-rie`` with the venv's
+``python -m awslambdaric``, as the image's entrypoint runs them), bound to 127.0.0.1: the path that
+tests/test_lambda_rie.py takes inside the buildah-built image, kept here for machines where buildah cannot run.
 
 The installed size (``du`` of the task root) is printed per step (``pytest -s tests/test_lambda_image.py``);
 it is a measurement, not a test: only a generous bound is asserted. See docs/aws.md.
@@ -211,6 +214,8 @@ def test_deploy_runs_from_any_folder_with_a_temporary_context(tmp_path, monkeypa
     log = tmp_path / "calls.log"
     monkeypatch.setenv("PATH", f"{tools}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setenv("CAI_FAKE_LOG", str(log))
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):  # the tools are stand-ins: any credentials do
+        monkeypatch.setenv(key, "testing")
     monkeypatch.chdir(tmp_path)
     rc = main(["aws", "deploy", "--stack", "cai", "--region", "eu-west-1", "--data-bucket", "d", "--data-prefix",
                "p", "--result-bucket", "r", "--account", "123456789012"])
@@ -238,6 +243,12 @@ def image(wheel_site, tmp_path_factory):
     venv = base / "venv"
     subprocess.run([python, "-m", "venv", str(venv)], check=True, capture_output=True)
     py = str(venv / "bin" / "python")
+    # The Lambda runtime interface client, as the base image has it beside (not in) the task root.
+    from lambda_standin import RUNTIME_PINS
+
+    out = subprocess.run([py, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-deps",
+                          "--only-binary=:all:", *RUNTIME_PINS], capture_output=True, text=True, env=_clean_env())
+    assert out.returncode == 0, out.stdout + out.stderr
     task_root = base / "var-task"
     task_root.mkdir()
     scratch = base / "tmp"  # the image's /tmp
@@ -429,3 +440,25 @@ def test_installed_size_is_measured(image):
     assert 50 < image.size_mib < SANITY_BOUND_MIB, image.size_mib
     assert image.removed_mib > 0
     assert not any(p.split(os.sep)[0] in FORBIDDEN for p in image.tree)
+
+
+@pytest.mark.slow
+@pytest.mark.s3
+def test_handlers_run_through_the_runtime_interface_emulator_in_the_image_environment(image, s3_server,
+                                                                                       tiny_dataset, tmp_path):
+    import lambda_standin as ls
+
+    try:
+        rie = ls.fetch_rie()
+    except (RuntimeError, OSError, KeyError, StopIteration) as exc:
+        pytest.skip(f"could not get aws-lambda-rie from {ls.SAM_CLI}: {str(exc).splitlines()[0]}")
+    prefix = f"t-venv-rie-{os.getpid()}-{int(time.time())}"
+    env = dict(_worker_env(image, s3_server), **ls.function_env(s3_server, prefix))
+
+    def start(function: str) -> ls.Rie:
+        return ls.Rie(f"{ls.HANDLERS}.{function}", env, str(rie), tmp_path / f"{function}.log",
+                      command=[image.python, "-m", "awslambdaric"], cwd=str(image.task_root))
+
+    got = ls.run_through_rie(start, s3_server, tiny_dataset, prefix)
+    ls.assert_pipeline(got, tiny_dataset, tmp_path, image.image_env)
+    assert _tree(str(image.task_root)) == image.tree  # nothing written under the task root at run time
