@@ -42,7 +42,8 @@ def test_readme_notebook_example_runs_as_written(tiny_dataset, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stderr == ""  # a library call prints nothing it was not asked to, warnings included
     lines = done.stdout.splitlines()
-    assert lines[0].startswith("RunResult('results', complete=True, rows=48, ranks=")
+    # the run is named by its canonical (absolute) result path, whatever spelling it was started with
+    assert lines[0].startswith(f"RunResult('{tmp_path.resolve() / 'results'}', complete=True, rows=48, ranks=")
     assert re.fullmatch(r"R2 -?\d+\.\d{3}, bias [+-]\d\.\d{4}, failures \[\]", lines[1])
     assert lines[2] == "48 ['object_id', 'partition', 'row', 'z_pred', 'z_true', 'flag']"
     assert re.fullmatch(r"\[\s*-?\d\.\d+\s+-?\d\.\d+\s*\]", lines[3])

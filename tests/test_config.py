@@ -90,3 +90,47 @@ def test_missing_and_non_object_payload(tmp_path):
     path.write_text("[1, 2]")
     with pytest.raises(ConfigError, match="must be a JSON object, got list"):
         load_config(str(path))
+
+
+def test_deep_and_huge_configs_are_one_line_errors_naming_the_file(tmp_path, capsys):
+    from cosmicai.cli import main
+    from cosmicai.config import MAX_CONFIG_BYTES
+
+    deep = tmp_path / "deep.json"
+    deep.write_text('{"data": "/d", "result": "/r", "backend_options": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(ConfigError, match=rf"^{deep}: nested too deeply to be a run config \(at most 32 levels\)$"):
+        load_config(str(deep))
+    assert main(["run", str(deep)]) == 2
+    assert capsys.readouterr().err == f"cai: error: {deep}: nested too deeply to be a run config (at most 32 levels)\n"
+    moderately = tmp_path / "deep40.json"   # parsed fine, still refused before anything copies it
+    moderately.write_text('{"data": "/d", "result": "/r", "backend_options": {"x": ' + "[" * 40 + "]" * 40 + "}}")
+    with pytest.raises(ConfigError, match=rf"^{moderately}: nested too deeply"):
+        load_config(str(moderately))
+    huge = tmp_path / "huge.json"
+    with open(huge, "wb") as fh:
+        fh.truncate(MAX_CONFIG_BYTES * 64)
+    with pytest.raises(ConfigError, match=rf"^{huge}: 67108864 bytes is too large for a run config \(at most 1024 KiB\)$"):
+        load_config(str(huge))
+
+
+def test_deep_yaml_and_alias_bombs_are_refused(tmp_path):
+    pytest.importorskip("yaml")
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("data: /d\nresult: /r\nbackend_options: " + "[" * 50_000 + "]" * 50_000 + "\n")
+    with pytest.raises(ConfigError, match=rf"^{deep}: nested too deeply to be a run config"):
+        load_config(str(deep))
+    bomb = tmp_path / "bomb.yaml"
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [*a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, "
+              f"*a{i - 1}, *a{i - 1}]" for i in range(1, 9)]
+    bomb.write_text("data: /d\nresult: /r\nbackend_options:\n" + "\n".join("  " + line for line in lines) + "\n")
+    with pytest.raises(ConfigError, match=rf"^{bomb}: holds more than 100000 values, too many for a run config$"):
+        load_config(str(bomb))
+
+
+def test_allow_unsafe_lease_is_a_checked_flag_outside_the_plan():
+    cfg, _ = load_config({"data": "/d", "result": "/r"}, allow_unsafe_lease=True)
+    assert cfg.allow_unsafe_lease is True and "allow_unsafe_lease" not in cfg.plan_dict()
+    assert load_config({"data": "/d", "result": "/r"})[0].allow_unsafe_lease is False
+    with pytest.raises(ConfigError, match=r"^config: 'allow_unsafe_lease' must be true or false, got 'yes'$"):
+        load_config({"data": "/d", "result": "/r", "allow_unsafe_lease": "yes"})

@@ -70,3 +70,21 @@ def test_demo_small(tmp_path, capsys):
     assert summary["completeness"]["complete"] and summary["completeness"]["rows_out"] == 20
     assert summary["metrics"]["n"] == 20
     assert "metrics (n=20" in out and str(out_dir / "results") in out
+
+
+def test_allow_unsafe_lease_reaches_the_lease(tiny_dataset, s3_url, monkeypatch, capsys):
+    """rclone ignores conditional writes: a run there is refused unless the risk is accepted by flag or argument."""
+    import cosmicai
+
+    monkeypatch.delenv("CAI_ALLOW_UNSAFE_LEASE", raising=False)
+    args = ["run", "--data", tiny_dataset, "--result", f"{s3_url}/cli", "--model", "astromae-random",
+            "--workers", "1", "--threads", "1", "--quiet"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "ignores conditional writes" in err and "--allow-unsafe-lease" in err
+    assert main(args + ["--allow-unsafe-lease"]) == 0
+    out, err = capsys.readouterr()
+    assert "rows in 48 / out 48" in out and "ignores conditional writes" in err
+    result = cosmicai.run(tiny_dataset, f"{s3_url}/api", model="astromae-random", workers=1, threads=1,
+                          allow_unsafe_lease=True)
+    assert result.complete and result.result_url == f"{s3_url}/api"

@@ -68,15 +68,21 @@ class RunResult:
 
 def run(data: str, result: str | None = None, *, model: str = "astromae-demo", backend: str = "local",
         weights: str | None = None, mode: str = "exact", progress: bool = False, report: bool = False,
-        **options: Any) -> RunResult:
+        task_timeout: float | str | None = None, allow_unsafe_lease: bool = False, **options: Any) -> RunResult:
     """Run ``model`` over the dataset at ``data`` and write everything under ``result``; returns the result.
 
     ``backend``: ``local`` (processes on this machine), ``dask`` (``scheduler=`` an address, or a local cluster),
     a registered one (``backends.base.register_backend`` or the ``cosmicai.backends`` entry points), or ``aws`` (the deployed Step Functions state machine: ``stack=`` or ``state_machine_arn=``, plus
     ``endpoint=``, ``region=``, ``name=``, ``upload=``, ``poll_s=``, ``timeout_s=``). Other ``options`` are run
     config keys (``batch_size``, ``world_size``, ``workers``, ``threads``, ``device``, ``allow_failures``,
-    ``overwrite``, ...; see docs/pipeline.md); an unknown one raises ConfigError naming it. A rerun resumes.
-    Failed ranks raise IncompleteRunError unless ``allow_failures=True``."""
+    ``overwrite``, ...; see docs/pipeline.md); an unknown one raises ConfigError naming it. A rerun resumes, however
+    ``data`` and ``result`` are spelled (relative, absolute, ``~``). Failed ranks raise IncompleteRunError unless
+    ``allow_failures=True``.
+
+    ``task_timeout``: seconds a rank may run before it is failed by name and its worker killed; None or
+    ``"auto"`` derives it from the measured time per row with a wide margin, 0 or ``"none"`` means no timeout.
+    ``allow_unsafe_lease``: accept an S3 server that ignores conditional writes, where two runs on one result
+    path are not excluded."""
     from .config import load_config
 
     from .backends.base import available_backends
@@ -84,7 +90,10 @@ def run(data: str, result: str | None = None, *, model: str = "astromae-demo", b
     if backend != "aws" and backend not in available_backends():
         raise ConfigError(f"backend '{backend}' is not known; choose one of "
                           f"{', '.join([*available_backends(), 'aws'])}")
-    values = {"data": data, "model": model, "weights": weights, "mode": mode, **options}
+    values = {"data": data, "model": model, "weights": weights, "mode": mode, "task_timeout": task_timeout,
+              **options}
+    if allow_unsafe_lease:
+        values["allow_unsafe_lease"] = allow_unsafe_lease
     if result is not None:
         values["result"] = result
     values = {k: v for k, v in values.items() if v is not None}

@@ -10,6 +10,12 @@ Native keys are the fields of :class:`RunConfig`. The original payload (keys ``b
 ``script``, ``object_type`` and ``S3_object_name`` are accepted and reported as unused. For testing without S3,
 ``bucket_root`` (``cai run --bucket-root DIR``) maps every ``s3://BUCKET/...`` of a payload onto
 ``DIR/BUCKET/...``, and ``bucket_map`` (``{"cosmicai-data": "/data/cai"}``) maps single buckets onto any URL.
+
+A run is identified by what it names, not how it is spelled: the local paths of ``data``, ``result`` and
+``weights`` are made canonical when a config is loaded (``~`` and ``$VAR`` expanded as :func:`storage.expand`
+does, made absolute with symbolic links resolved, ``.``/``..``/doubled slashes collapsed, a ``file://`` prefix
+dropped), and ``s3://`` URLs
+lose doubled slashes and ``.`` segments, so ``results``, ``./results/`` and ``/abs/path/results`` are one run.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +41,15 @@ PLAN_FIELDS = ("data", "result", "model", "weights", "batch_size", "file_limit",
                "drop_nonfinite", "fast_guard")
 #: What a fast-mode run does when fast and exact disagree on its weights (cosmicai.models.guard).
 FAST_GUARDS = ("fallback", "strict", "off")
+#: Fields holding a URL or path, made canonical on load (:func:`canonical_url`).
+URL_FIELDS = ("data", "result", "weights")
+#: The largest run config file read, in bytes (a run config is a few hundred bytes).
+MAX_CONFIG_BYTES = 1 << 20
+#: How deeply a run config may nest, and how many values it may hold (YAML aliases counted each time they are used).
+MAX_CONFIG_DEPTH = 32
+MAX_CONFIG_NODES = 100_000
+#: ``task_timeout`` values meaning "no timeout", besides 0.
+NO_TIMEOUT = ("none", "off")
 
 
 @dataclass
@@ -58,6 +74,10 @@ class RunConfig:
     prefetch: bool = True
     overwrite: bool = False
     break_lease: bool = False
+    allow_unsafe_lease: bool = False
+    #: Seconds a rank may run before it is failed and its worker killed: "auto" (derived from the measured time
+    #: per row, see backends.base.TaskTimeouts), a number > 0, or 0 for no timeout.
+    task_timeout: float | str = "auto"
     scheduler: str | None = None
     endpoint: str | None = None
     backend_options: dict[str, Any] = field(default_factory=dict)
@@ -72,7 +92,7 @@ class RunConfig:
 
 FIELDS = tuple(f.name for f in dataclasses.fields(RunConfig))
 _INT_FIELDS = {"batch_size": 1, "file_limit": 1, "world_size": 1, "workers": 1, "threads": 1}
-_BOOL_FIELDS = ("allow_failures", "drop_nonfinite", "prefetch", "overwrite", "break_lease")
+_BOOL_FIELDS = ("allow_failures", "drop_nonfinite", "prefetch", "overwrite", "break_lease", "allow_unsafe_lease")
 _STR_FIELDS = ("data", "result", "model", "weights", "mode", "fast_guard", "device", "backend", "scheduler", "endpoint")
 
 
@@ -96,6 +116,8 @@ def load_config(source: str | dict[str, Any] | None = None, **overrides: Any) ->
         origin = str(source)
         raw = _read_source(origin)
     overrides = {k: v for k, v in overrides.items() if v is not None}
+    _check_shape(raw, origin)
+    _check_shape(overrides, "overrides")
     bucket_root = overrides.pop("bucket_root", None) or raw.pop("bucket_root", None)
     bucket_map: dict[str, str] = {}
     for given in (raw.pop("bucket_map", None), overrides.pop("bucket_map", None)):
@@ -118,30 +140,72 @@ def load_config(source: str | dict[str, Any] | None = None, **overrides: Any) ->
 
 
 def _read_source(origin: str) -> dict[str, Any]:
+    raw = _parse(origin, _read_bounded(origin))
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{origin}: a run config must be a JSON object, got {type(raw).__name__}")
+    _check_shape(raw, origin)
+    return raw
+
+
+def _read_bounded(origin: str) -> bytes:
+    """The config file's bytes; a file over :data:`MAX_CONFIG_BYTES` is refused before it is read."""
     from . import storage
     from .errors import StorageError
 
+    limit = f"{MAX_CONFIG_BYTES // 1024} KiB"
     try:
+        size = storage.size(origin)
+        if size is not None and size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{origin}: {size} bytes is too large for a run config (at most {limit})")
         text = storage.read_bytes(origin)
     except StorageError as exc:
         raise ConfigError(f"cannot read run config {origin}: {exc}") from exc
+    if len(text) > MAX_CONFIG_BYTES:  # grew after the size check
+        raise ConfigError(f"{origin}: {len(text)} bytes is too large for a run config (at most {limit})")
+    return text
+
+
+def _parse(origin: str, text: bytes) -> Any:
+    too_deep = f"{origin}: nested too deeply to be a run config (at most {MAX_CONFIG_DEPTH} levels)"
     if origin.endswith((".yaml", ".yml")):
         try:
             import yaml
         except ImportError as exc:
             raise ConfigError(f"{origin}: reading YAML needs PyYAML (pip install pyyaml); or use JSON") from exc
         try:
-            raw = yaml.safe_load(text)
+            return yaml.safe_load(text)
+        except RecursionError:
+            raise ConfigError(too_deep) from None
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{origin}: not valid YAML ({exc})") from exc
-    else:
-        try:
-            raw = json.loads(text)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ConfigError(f"{origin}: not valid JSON ({exc})") from exc
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{origin}: a run config must be a JSON object, got {type(raw).__name__}")
-    return raw
+            raise ConfigError(f"{origin}: not valid YAML ({_one_line(exc)})") from exc
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ConfigError(too_deep) from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{origin}: not valid JSON ({exc})") from exc
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
+def _check_shape(raw: Any, origin: str) -> None:
+    """Refuse configs nested deeper than :data:`MAX_CONFIG_DEPTH` or holding more than :data:`MAX_CONFIG_NODES`
+    values (a YAML alias counts every time it is used, so an alias bomb is refused before anything copies it)."""
+    stack: list[tuple[Any, int]] = [(raw, 1)]
+    nodes = 0
+    while stack:
+        value, depth = stack.pop()
+        nodes += 1
+        if nodes > MAX_CONFIG_NODES:
+            raise ConfigError(f"{origin}: holds more than {MAX_CONFIG_NODES} values, too many for a run config")
+        if depth > MAX_CONFIG_DEPTH:
+            raise ConfigError(f"{origin}: nested too deeply to be a run config (at most {MAX_CONFIG_DEPTH} levels)")
+        if isinstance(value, dict):
+            stack.extend((v, depth + 1) for v in value.values())
+        elif isinstance(value, list):
+            stack.extend((v, depth + 1) for v in value)
 
 
 def _check_keys(raw: dict[str, Any], known: tuple[str, ...], origin: str) -> None:
@@ -230,15 +294,62 @@ def _build(values: dict[str, Any], origin: str) -> RunConfig:
     if values.get("scheduler") and backend != "dask":
         raise ConfigError(f"{origin}: 'scheduler' ({values['scheduler']!r}) applies only to the dask backend, but the "
                           f"backend is {backend!r}: add --backend dask, or drop --scheduler")
-    for key in ("data", "result"):
-        values[key] = normalize_url(values[key])
+    if "task_timeout" in values:
+        values["task_timeout"] = parse_task_timeout(values["task_timeout"], origin)
+    for key in URL_FIELDS:
+        if values.get(key):
+            values[key] = canonical_url(values[key], key)
     return RunConfig(**values)
 
 
-def normalize_url(url: str) -> str:
-    """One spelling per location: trailing slashes dropped, ``.``/``..`` and doubled slashes collapsed in local
-    paths, so ``res/`` and ``res`` name the same run."""
-    if "://" in url:
+def parse_task_timeout(value: Any, origin: str = "config") -> float | str:
+    """``"auto"``, seconds > 0 as a float, or 0.0 for no timeout (from 0, ``"none"``, ``"off"`` or null)."""
+    if value is None:
+        return 0.0
+    text = value.strip().lower() if isinstance(value, str) else None
+    if text == "auto":
+        return "auto"
+    if text in NO_TIMEOUT:
+        return 0.0
+    seconds: Any = value
+    if text is not None:
+        try:
+            seconds = float(text)
+        except ValueError:
+            seconds = None
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not math.isfinite(seconds) \
+            or seconds < 0:
+        raise ConfigError(f"{origin}: 'task_timeout' must be seconds > 0, 0 or 'none' (no timeout), or 'auto' "
+                          f"(derived from the measured time per row), got {value!r}")
+    return float(seconds)
+
+
+def canonical_url(url: str, field: str = "url") -> str:
+    """The one spelling of a location, so a run is the same run however its paths are written.
+
+    Local paths and ``file://`` URLs: ``~`` and ``$VAR`` expanded (as :func:`storage.expand`), made absolute
+    against the current folder with symbolic links resolved (``os.path.realpath``: a folder reached through a
+    link is the folder itself), ``.``, ``..`` and doubled slashes collapsed, trailing slash and ``file://``
+    dropped. ``s3://`` URLs: doubled slashes and ``.`` segments collapsed, trailing slash dropped; a ``..``
+    segment, which S3 keeps as a literal key part, is refused. Other URLs lose a trailing slash only."""
+    from . import storage
+    from .errors import StorageError
+
+    try:
+        url = storage.expand(url)
+    except StorageError as exc:
+        raise ConfigError(f"{field}: {exc}") from exc
+    if storage.is_remote(url):
         proto, rest = url.split("://", 1)
-        return f"{proto}://{rest.rstrip('/')}" if rest.rstrip("/") else url
-    return os.path.normpath(url) if url else url
+        if proto not in ("s3", "s3a"):
+            return f"{proto}://{rest.rstrip('/')}" if rest.rstrip("/") else url
+        bucket, _, key = rest.partition("/")
+        parts = [p for p in key.split("/") if p not in ("", ".")]
+        if ".." in parts:
+            raise ConfigError(f"{field}: {url} has a '..' segment, which S3 keeps as part of the key name; "
+                              "write the URL without it")
+        return f"{proto}://{'/'.join([bucket, *parts])}"
+    for proto in ("file://", "local://"):
+        if url.startswith(proto):
+            url = url[len(proto):]
+    return os.path.realpath(url)

@@ -12,10 +12,17 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Callable, Iterator
 
 from ..errors import ConfigError
+from .base import TaskTimeoutError, TaskTimeouts
 from .env import THREAD_VARS, gpu_ids
 
 
 _IN_TASK = False
+#: In a pool worker: where it reports ``(token, pid)`` as it starts a task, so the parent can time it.
+_STARTED: Any = None
+#: How often the parent checks running tasks against their timeouts, in seconds.
+POLL_S = 0.25
+#: How long ``close`` waits for idle workers to exit before it kills them (a stopped worker never exits).
+CLOSE_GRACE_S = 10.0
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:
@@ -28,11 +35,13 @@ def _on_sigterm(signum: int, frame: Any) -> None:
     raise Terminated(signum)  # the task's clean-up runs (temporary files removed); _call then exits
 
 
-def _call(fn: Callable[..., dict], task: dict) -> dict:
+def _call(fn: Callable[..., dict], task: dict, token: int | None = None) -> dict:
     """Run one task in a pool worker; a SIGTERM during it ends the worker once the task has unwound."""
     from .lifetime import Terminated
 
     global _IN_TASK
+    if _STARTED is not None and token is not None:
+        _STARTED.put((token, os.getpid()))
     _IN_TASK = True
     try:
         return fn(**task)
@@ -42,7 +51,9 @@ def _call(fn: Callable[..., dict], task: dict) -> dict:
         _IN_TASK = False
 
 
-def _init_worker(threads: int, parent_pid: int | None = None, gpus: Any = None) -> None:
+def _init_worker(threads: int, parent_pid: int | None = None, gpus: Any = None, started: Any = None) -> None:
+    global _STARTED
+    _STARTED = started
     # A CUDA run with several workers: this process takes one GPU id off the queue before torch touches CUDA,
     # so it sees only its own GPU, as "cuda".
     if gpus is not None:
@@ -137,6 +148,36 @@ def _stop(procs: list, grace_s: float = 2.0) -> None:
             pass
 
 
+def _drain(started: Any, running: dict[int, tuple[int, float]]) -> None:
+    """Take the workers' start reports off ``started`` into ``running`` (token -> (pid, monotonic start))."""
+    import queue
+
+    if started is None:
+        return
+    now = time.monotonic()
+    while True:
+        try:
+            token, pid = started.get_nowait()
+        except (queue.Empty, OSError, ValueError, EOFError):
+            return
+        running[token] = (pid, now)
+
+
+def _kill(pid: int) -> None:
+    """SIGKILL a worker process (it may be stopped or stuck in a system call, where SIGTERM would wait)."""
+    try:
+        os.kill(pid, getattr(signal, "SIGKILL", signal.SIGTERM))
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _is_alive(proc: Any) -> bool:
+    try:
+        return bool(proc.is_alive())
+    except (OSError, ValueError, AssertionError):
+        return False
+
+
 class LocalBackend:
     """``workers`` processes (spawn context) with ``threads`` torch threads each.
 
@@ -163,6 +204,7 @@ class LocalBackend:
         self._gpus: list[str] | None = None
         self._gpus_for: str | None = None
         self._pool: ProcessPoolExecutor | None = None
+        self._started: Any = None
 
     def _setup_gpus(self, device: str) -> None:
         """A CUDA run: one worker per visible GPU by default; refuse more workers than GPUs; pin each worker."""
@@ -187,38 +229,85 @@ class LocalBackend:
             if not self._threads_given:  # fewer tasks than workers: give the idle cores to the processes started
                 self.threads = default_workers_threads(procs, None)[1]
             ctx = multiprocessing.get_context("spawn")
-            initargs: tuple = (self.threads, os.getpid())
+            gpus = None
             if self._gpus is not None and procs > 1:
                 gpus = ctx.Queue()
                 for gpu in self._gpus[:procs]:
                     gpus.put(gpu)
-                initargs += (gpus,)
-            self._pool = ProcessPoolExecutor(max_workers=procs, mp_context=ctx,
-                                             initializer=_init_worker, initargs=initargs)
+            self._started = ctx.Queue()  # one per pool: a worker killed mid-put may leave its lock taken
+            self._pool = ProcessPoolExecutor(max_workers=procs, mp_context=ctx, initializer=_init_worker,
+                                             initargs=(self.threads, os.getpid(), gpus, self._started))
         return self._pool
 
-    def map(self, fn: Callable[..., dict], tasks: list[dict]) -> Iterator[tuple[dict, dict | BaseException]]:
-        """Run ``fn(**task)`` for each task; yield ``(task, record or exception)`` as each finishes."""
+    def map(self, fn: Callable[..., dict], tasks: list[dict], timeouts: TaskTimeouts | None = None
+            ) -> Iterator[tuple[dict, dict | BaseException]]:
+        """Run ``fn(**task)`` for each task; yield ``(task, record or exception)`` as each finishes.
+
+        ``timeouts``: a task running past its limit is yielded with a :class:`TaskTimeoutError` and its worker
+        process is killed (SIGKILL: it may be stopped or stuck); the tasks that the killed worker's pool lost with
+        it are run again in a fresh pool. Tasks running in this process (one worker) are timed, not stopped,
+        unless a fixed timeout is set, which runs them in a one-process pool instead.
+        """
         if not tasks:
             return
         device = self.device or _task_device(tasks)
         if device and device.startswith("cuda"):
             self._setup_gpus(device)
-        if self.in_process:
-            yield from self._map_in_process(fn, tasks)
+        pool_for_timeout = (timeouts is not None and timeouts.fixed is not None and self._in_process_given is None)
+        if self.in_process and not pool_for_timeout:
+            yield from self._map_in_process(fn, tasks, timeouts)
             return
-        pool = self._get_pool(len(tasks))
-        futures: dict[Future, dict] = {pool.submit(_call, fn, task): task for task in tasks}
+        queue = list(enumerate(tasks))
+        rerun: set[int] = set()
+        while queue:
+            lost: list[tuple[int, dict]] = []
+            yield from self._map_pool(fn, queue, timeouts, lost)
+            for token, task in lost:
+                if token in rerun:  # lost a second time: reported, not retried for ever
+                    yield task, BrokenProcessPool("a worker process was killed twice while this task was queued or "
+                                                  "running")
+            queue = [(token, task) for token, task in lost if token not in rerun]
+            rerun.update(token for token, _ in queue)
+
+    def _map_pool(self, fn: Callable[..., dict], items: list[tuple[int, dict]], timeouts: TaskTimeouts | None,
+                  lost: list[tuple[int, dict]]) -> Iterator[tuple[dict, Any]]:
+        """One pool's pass over ``items`` (token, task). Tasks lost to a pool broken by a timeout kill go to
+        ``lost``."""
+        pool = self._get_pool(len(items))
+        started = self._started
+        timed = timeouts is not None and timeouts.enabled
+        futures: dict[Future, tuple[int, dict]] = {pool.submit(_call, fn, task, token if timed else None):
+                                                   (token, task) for token, task in items}
+        by_token = {token: fut for fut, (token, _) in futures.items()}
+        running: dict[int, tuple[int, float]] = {}  # token -> (worker pid, monotonic start)
+        killed = False
         broken = False
+        poll = POLL_S if timed else None
         try:
             pending = set(futures)
             while pending:
-                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                done, pending = wait(pending, timeout=poll, return_when=FIRST_COMPLETED)
+                _drain(started, running)
+                now = time.monotonic()
                 for fut in done:
+                    token, task = futures[fut]
                     exc = fut.exception()
-                    broken = broken or isinstance(exc, BrokenProcessPool)
-                    yield futures[fut], (exc if exc is not None else fut.result())
-            if broken:  # a worker died (killed, out of memory): start a fresh pool next time
+                    began = running.pop(token, None)
+                    if isinstance(exc, BrokenProcessPool):
+                        broken = True
+                        if killed:  # collateral of a timeout kill: not this task's fault, run it again
+                            lost.append((token, task))
+                            continue
+                    elif exc is None and timed and began is not None:
+                        timeouts.finished(task, now - began[1])
+                    yield task, (exc if exc is not None else fut.result())
+                if timed:
+                    workers = set(getattr(pool, "_processes", None) or ())  # pids: never kill a stranger
+                    for token, task, error in self._expired(timeouts, running, futures, by_token, now, workers):
+                        killed = True
+                        pending.discard(by_token[token])
+                        yield task, error
+            if broken or killed:  # a worker died (killed, out of memory, timed out): a fresh pool next time
                 self.close(wait=False)
         except BaseException:  # interrupted (Ctrl-C, SIGTERM) or abandoned: no task of this run goes on
             for fut in futures:
@@ -226,7 +315,29 @@ class LocalBackend:
             self.close(wait=False, stop_workers=True)
             raise
 
-    def _map_in_process(self, fn: Callable[..., dict], tasks: list[dict]) -> Iterator[tuple[dict, Any]]:
+    @staticmethod
+    def _expired(timeouts: TaskTimeouts, running: dict[int, tuple[int, float]], futures: dict[Future, tuple],
+                 by_token: dict[int, Future], now: float, workers: set[int]
+                 ) -> list[tuple[int, dict, TaskTimeoutError]]:
+        """Kill the worker of every running task past its limit; the tasks with their errors."""
+        out = []
+        for token, (pid, began) in list(running.items()):
+            fut = by_token[token]
+            task = futures[fut][1]
+            if fut.done():  # its start was reported after it finished
+                del running[token]
+                continue
+            limit = timeouts.limit(task)
+            if limit is None or now - began <= limit:
+                continue
+            if pid in workers:
+                _kill(pid)
+            del running[token]
+            out.append((token, task, TaskTimeoutError(timeouts.message(task, limit, f"pid {pid}"))))
+        return out
+
+    def _map_in_process(self, fn: Callable[..., dict], tasks: list[dict], timeouts: TaskTimeouts | None = None
+                        ) -> Iterator[tuple[dict, Any]]:
         from ..pipeline.infer import configure_worker, worker_threads
 
         torch = sys.modules.get("torch")  # loaded only where a torch engine runs: restore its threads after
@@ -234,10 +345,13 @@ class LocalBackend:
         configure_worker(self.threads)
         try:
             for task in tasks:
+                began = time.monotonic()
                 try:
                     result: Any = fn(**task)
                 except Exception as exc:  # noqa: BLE001 - reported per task, the run goes on
                     result = exc
+                if timeouts is not None and not isinstance(result, BaseException):
+                    timeouts.finished(task, time.monotonic() - began)
                 yield task, result
         finally:
             configure_worker(before_worker)
@@ -247,15 +361,28 @@ class LocalBackend:
     def close(self, wait: bool = True, stop_workers: bool = False) -> None:
         """Shut the pool down (pending tasks are cancelled); ``stop_workers`` also ends running tasks at once.
 
-        A rank whose task is stopped writes nothing under its final names (outputs are written atomically), so a
-        rerun redoes it.
+        Idle workers that have not exited :data:`CLOSE_GRACE_S` seconds after ``close(wait=True)`` (stopped,
+        stuck) are killed, so closing never hangs. A rank whose task is stopped writes nothing under its final
+        names (outputs are written atomically), so a rerun redoes it.
         """
         pool, self._pool = self._pool, None
+        started, self._started = self._started, None
         if pool is None:
             return
-        procs = list((getattr(pool, "_processes", None) or {}).values()) if stop_workers else []
-        pool.shutdown(wait=wait and not procs, cancel_futures=True)
-        _stop(procs)
+        procs = list((getattr(pool, "_processes", None) or {}).values())
+        manager = getattr(pool, "_executor_manager_thread", None)
+        pool.shutdown(wait=False, cancel_futures=True)
+        if stop_workers:
+            _stop(procs)
+        elif wait:
+            if manager is not None:
+                manager.join(CLOSE_GRACE_S)
+            _stop([p for p in procs if _is_alive(p)], grace_s=0.0)
+            if manager is not None:
+                manager.join(CLOSE_GRACE_S)
+        if started is not None:
+            started.close()
+            started.cancel_join_thread()
 
     def __enter__(self) -> "LocalBackend":
         return self

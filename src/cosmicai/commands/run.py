@@ -45,6 +45,12 @@ def register(subparsers: Any) -> None:
                    help="replace the outputs of a different run under --result (only files that run wrote)")
     p.add_argument("--break-lease", action="store_true", default=None, dest="break_lease",
                    help="take over the result path from a run whose lease is stale (no heartbeat for 2 minutes)")
+    p.add_argument("--allow-unsafe-lease", action="store_true", default=None, dest="allow_unsafe_lease",
+                   help="accept running on an S3 server that ignores conditional writes, where two runs on one "
+                        "result path are not excluded")
+    p.add_argument("--task-timeout", dest="task_timeout", metavar="SECONDS",
+                   help="fail a rank that runs longer than SECONDS and kill its worker; 'auto' (default) derives "
+                        "it from the measured time per row with a wide margin; 0 or 'none': no timeout")
     p.add_argument("--drop-nonfinite", action="store_true", default=None, dest="drop_nonfinite",
                    help="keep rows with NaN/inf inputs as flagged rows with a NaN prediction instead of failing")
     p.add_argument("--no-prefetch", action="store_false", default=None, dest="prefetch",
@@ -88,7 +94,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     keys = ("data", "result", "model", "weights", "batch_size", "file_limit", "world_size", "mode", "fast_guard",
             "device",
             "workers", "threads", "backend", "scheduler", "endpoint", "allow_failures", "overwrite", "break_lease",
-            "drop_nonfinite", "prefetch", "bucket_root")
+            "allow_unsafe_lease", "task_timeout", "drop_nonfinite", "prefetch", "bucket_root")
     config, unused = load_config(args.config, **{k: getattr(args, k) for k in keys})
     if unused:
         print(f"cai: note: {args.config}: not used by cosmicai: {', '.join(unused)}", file=sys.stderr)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
 from typing import Any
 
 from .. import storage
-from ..config import RunConfig
+from ..config import URL_FIELDS, RunConfig, canonical_url, parse_task_timeout
 from ..errors import CaiError
 from ..pipeline.infer import done_ranks, record_failure, run_task
 from ..pipeline.lease import Lease, describe
@@ -35,6 +36,7 @@ def run(config: RunConfig, backend: Any = None, progress: bool = True, report: b
     Returns the summary (with ``stages`` and ``failures``); prints the report when ``report`` (default: same as
     ``progress``). Raises IncompleteRunError when ranks failed, unless ``config.allow_failures``.
     """
+    config = canonical_config(config)
     if not config.endpoint:
         return _run(config, backend, progress, report)
     # Workers (spawned processes included) read the endpoint from the environment; restore it afterwards.
@@ -49,7 +51,43 @@ def run(config: RunConfig, backend: Any = None, progress: bool = True, report: b
             os.environ["CAI_S3_ENDPOINT"] = before
 
 
+def canonical_config(config: RunConfig) -> RunConfig:
+    """``config`` with its data, result and weights paths canonical (:func:`config.canonical_url`) and its task
+    timeout checked, also when it was built directly rather than loaded."""
+    changes: dict[str, Any] = {k: canonical_url(getattr(config, k), k) for k in URL_FIELDS if getattr(config, k)}
+    changes["task_timeout"] = parse_task_timeout(config.task_timeout)
+    changes = {k: v for k, v in changes.items() if v != getattr(config, k)}
+    return dataclasses.replace(config, **changes) if changes else config
+
+
+def _older_spelling(config: RunConfig) -> RunConfig:
+    """A plan written before paths were made canonical records them as they were typed (``results``, ``./data``).
+    When that plan's paths name the same locations as ``config``'s from this folder, the run is continued with
+    the plan's own spelling, so its hash (and its finished ranks) still match. Otherwise ``config`` as it is."""
+    if config.overwrite:
+        return config
+    try:
+        url = storage.join(config.result, PLAN_NAME)
+        stored = storage.read_json(url) if storage.exists(url) else None
+    except CaiError:
+        return config
+    old = stored.get("config") if isinstance(stored, dict) else None
+    if not isinstance(old, dict):
+        return config
+    spelled = {k: old.get(k) for k in URL_FIELDS}
+    if not all(v is None or isinstance(v, str) for v in spelled.values()):
+        return config
+    try:
+        now = {k: canonical_url(v, k) if v else v for k, v in spelled.items()}
+    except CaiError:
+        return config
+    if now == spelled or any(now[k] != getattr(config, k) for k in URL_FIELDS):
+        return config  # a canonical plan, or another run: planning compares them
+    return dataclasses.replace(config, **spelled)
+
+
 def _run(config: RunConfig, backend: Any, progress: bool, report: bool | None) -> dict[str, Any]:
+    config = _older_spelling(config)
     _check_before_planning(config)
     contents = plan_contents(config)  # data and weights problems are named here, before anything is written
     finished = _finished_summary(config, contents[2])
@@ -58,7 +96,7 @@ def _run(config: RunConfig, backend: Any, progress: bool, report: bool | None) -
         if (report if report is not None else progress):
             print(format_report(finished))
         return finished
-    with Lease(config.result, break_stale=config.break_lease) as lease:
+    with Lease(config.result, break_stale=config.break_lease, allow_unsafe=config.allow_unsafe_lease) as lease:
         if lease.took_over is not None:
             print(f"note: took over {config.result} from a run that is gone ({describe(lease.took_over)})",
                   file=sys.stderr)
@@ -113,10 +151,15 @@ def _run_leased(config: RunConfig, backend: Any, progress: bool, report: bool | 
     parts_done = 0
     parts_todo = sum(len(plan.tasks[t["rank"]]) for t in todo)
     if todo:
+        from ..backends.base import TaskTimeouts, accepts_timeouts
+
         backend = backend or _make_backend(config)
         bar = _progress_bar(plan, todo) if progress else None
+        timeouts = TaskTimeouts(config.task_timeout)
+        results = (backend.map(run_task, todo, timeouts=timeouts) if timeouts.enabled and accepts_timeouts(backend)
+                   else backend.map(run_task, todo))
         try:
-            for task, result in backend.map(run_task, todo):
+            for task, result in results:
                 if isinstance(result, BaseException):
                     failures[task["rank"]] = result
                 else:
