@@ -103,6 +103,11 @@ def test_out_of_range_rows_are_predicted_flagged_and_counted(tmp_path):
     assert summary["out_of_range_rows"] == 5
     stored = json.loads(open(os.path.join(result, "summary.json")).read())
     assert stored["out_of_range"] == oor
+    from cosmicai.runners.pipeline import format_report
+
+    line = [ln for ln in format_report(summary).splitlines() if "out-of-range inputs" in ln]
+    assert line == [f"  out-of-range inputs: 5 row(s) flagged, predicted but not scored (4 with magnitudes outside "
+                    f"0..40, 2 with pixels beyond +-10000), in 2 partition(s): {', '.join(sorted(expected))}"], line
 
     # The metrics score only the trusted rows: no 1e30-sized MAE.
     zt = table.column("z_true").to_numpy()

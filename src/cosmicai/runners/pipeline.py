@@ -98,7 +98,7 @@ def _run(config: RunConfig, backend: Any, progress: bool, report: bool | None) -
         return finished
     with Lease(config.result, break_stale=config.break_lease, allow_unsafe=config.allow_unsafe_lease) as lease:
         if lease.took_over is not None:
-            print(f"note: took over {config.result} from a run that is gone ({describe(lease.took_over)})",
+            print(f"note: took over the lease of {config.result} ({describe(lease.took_over)})",
                   file=sys.stderr)
         return _run_leased(config, backend, progress, report, contents)
 
@@ -233,6 +233,14 @@ def format_report(summary: dict[str, Any]) -> str:
         more = " ..." if bad["n_partitions"] > len(bad["partitions"]) else ""
         lines.append(f"  non-finite predictions: {bad['rows']} row(s) flagged, {bad['from_finite_inputs']} from finite "
                      f"inputs, in {bad['n_partitions']} partition(s): {', '.join(bad['partitions'])}{more}")
+    oor = summary.get("out_of_range") or {}
+    if oor.get("rows"):
+        more = " ..." if oor["n_partitions"] > len(oor["partitions"]) else ""
+        lo, hi = oor["magnitude_range"]
+        lines.append(f"  out-of-range inputs: {oor['rows']} row(s) flagged, predicted but not scored "
+                     f"({oor['magnitudes']} with magnitudes outside {lo:g}..{hi:g}, {oor['pixels']} with pixels "
+                     f"beyond +-{oor['pixel_limit']:g}), in {oor['n_partitions']} partition(s): "
+                     f"{', '.join(oor['partitions'])}{more}")
     dup = summary.get("duplicate_ids") or {}
     if dup.get("rows"):
         lines.append(f"  duplicate object ids: {dup['ids']} id(s) appear more than once ({dup['rows']} extra row(s)), "
