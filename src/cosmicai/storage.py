@@ -9,25 +9,74 @@ they are resolved (:func:`local_path`, :func:`filesystem`), so every reader and 
 ``~/data`` is ``$HOME/data`` for both, never a folder named ``~``. Remote URLs (``s3://`` ...) are left as they
 are: ``~`` and ``$`` are ordinary characters in an object key. A path holding a NUL byte is refused.
 (So a local file whose name literally holds ``$NAME``, with NAME set in the environment, cannot be named.)
+
+Names are literal everywhere: ``[ ] * ? { }`` and spaces are ordinary characters, never patterns. Removal is
+done here (exact keys, exact files), not through fsspec's ``rm``, which expands globs on S3.
+
+S3 calls have a connect timeout, a read timeout (per socket read, so large objects still stream) and a bounded
+number of attempts, set by ``CAI_S3_CONNECT_TIMEOUT`` (seconds, default 5), ``CAI_S3_READ_TIMEOUT`` (seconds,
+default 10) and ``CAI_S3_MAX_ATTEMPTS`` (botocore attempts per request, default 2, or ``AWS_MAX_ATTEMPTS``).
+s3fs retries a timed-out request once more on top, so an endpoint that never answers is reported in about
+2 x attempts x read timeout (about 42 s at the defaults), in one line naming the URL and the endpoint.
+
+A failed write leaves nothing behind (no temporary file) and says why in one line: ``no space left on PATH``,
+``PATH is read-only`` or ``permission denied: PATH``.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import errno
 import json
+import math
 import os
 import re
+import shutil
+import socket
 import tempfile
-import uuid
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator
 
 import fsspec
 from fsspec.core import url_to_fs
 
-from .errors import StorageError
+from .errors import CaiError, ConfigError, StorageError
 
 #: Where the S3 endpoint comes from, first set wins (the one list: the Dask backend forwards these to its workers).
 ENDPOINT_VARS = ("CAI_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+#: The variables that bound S3 calls (see :func:`s3_client_settings`).
+S3_TIMEOUT_VARS = ("CAI_S3_CONNECT_TIMEOUT", "CAI_S3_READ_TIMEOUT", "CAI_S3_MAX_ATTEMPTS", "AWS_MAX_ATTEMPTS",
+                   "AWS_RETRY_MODE")
+#: Every variable the S3 client reads from the environment (a remote worker needs the same values).
+S3_CLIENT_VARS = ENDPOINT_VARS + S3_TIMEOUT_VARS
+DEFAULT_CONNECT_TIMEOUT = 5.0
+DEFAULT_READ_TIMEOUT = 10.0
+DEFAULT_MAX_ATTEMPTS = 2
+#: s3fs's own retry loop around each request (it also retries a body that breaks mid-read); s3fs's default is 5,
+#: which multiplies every timeout by five.
+S3FS_RETRIES = 2
+
+
+def _timeout_types() -> tuple[type[BaseException], ...]:
+    try:
+        from botocore.exceptions import ConnectTimeoutError, ReadTimeoutError
+    except ImportError:
+        return (asyncio.TimeoutError, socket.timeout)
+    return (asyncio.TimeoutError, socket.timeout, ConnectTimeoutError, ReadTimeoutError)
+
+
+def _unreachable_types() -> tuple[type[BaseException], ...]:
+    try:
+        from botocore.exceptions import EndpointConnectionError
+    except ImportError:
+        return ()
+    return (EndpointConnectionError,)
+
+
+_TIMEOUTS = _timeout_types()
+_UNREACHABLE = _unreachable_types()
 
 
 def _remote_error_types() -> tuple[type[BaseException], ...]:
@@ -67,10 +116,92 @@ def is_remote(url: str) -> bool:
     return proto not in ("file", "local")
 
 
+@dataclass(frozen=True)
+class S3ClientSettings:
+    """How long an S3 request may wait and how often it is tried (from the environment)."""
+
+    connect_timeout: float
+    read_timeout: float
+    max_attempts: int
+    retry_mode: str
+
+    @property
+    def worst_case_s(self) -> float:
+        """About the longest one storage call waits on an endpoint that accepts connections and never answers."""
+        backoff = sum(min(2.0 ** i, 20.0) for i in range(self.max_attempts - 1))  # botocore: at most 2**i s
+        return S3FS_RETRIES * (self.max_attempts * self.read_timeout + backoff) + 0.1 * (S3FS_RETRIES - 1)
+
+    def config_kwargs(self) -> dict[str, Any]:
+        """``botocore.config.Config`` arguments (s3fs's ``config_kwargs``)."""
+        return {"connect_timeout": self.connect_timeout, "read_timeout": self.read_timeout,
+                "retries": {"total_max_attempts": self.max_attempts, "mode": self.retry_mode}}
+
+
+def _env_seconds(var: str, default: float) -> float:
+    raw = os.environ.get(var, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and 0 < value <= 3600):
+        raise ConfigError(f"{var}={raw!r}: must be a number of seconds above 0 and at most 3600 "
+                          f"(default {default:g}); fix or unset it")
+    return value
+
+
+def _env_attempts(default: int) -> int:
+    for var in ("CAI_S3_MAX_ATTEMPTS", "AWS_MAX_ATTEMPTS"):
+        raw = os.environ.get(var, "").strip()
+        if not raw:
+            continue
+        if not (raw.isdigit() and 1 <= int(raw) <= 20):
+            raise ConfigError(f"{var}={raw!r}: must be a whole number of attempts from 1 to 20 "
+                              f"(default {default}); fix or unset it")
+        return int(raw)
+    return default
+
+
+def s3_client_settings() -> S3ClientSettings:
+    """Timeouts and attempts for S3 requests: ``CAI_S3_CONNECT_TIMEOUT``, ``CAI_S3_READ_TIMEOUT`` (seconds; the
+    read timeout bounds each socket read, not a whole object), ``CAI_S3_MAX_ATTEMPTS`` (else ``AWS_MAX_ATTEMPTS``)
+    and ``AWS_RETRY_MODE`` (default ``standard``). A bad value is a ConfigError naming the variable."""
+    mode = os.environ.get("AWS_RETRY_MODE", "").strip() or "standard"
+    if mode not in ("standard", "adaptive", "legacy"):
+        raise ConfigError(f"AWS_RETRY_MODE={mode!r}: must be standard, adaptive or legacy; fix or unset it")
+    return S3ClientSettings(connect_timeout=_env_seconds("CAI_S3_CONNECT_TIMEOUT", DEFAULT_CONNECT_TIMEOUT),
+                            read_timeout=_env_seconds("CAI_S3_READ_TIMEOUT", DEFAULT_READ_TIMEOUT),
+                            max_attempts=_env_attempts(DEFAULT_MAX_ATTEMPTS), retry_mode=mode)
+
+
+def _drop_expect_continue(params: dict[str, Any], **_: Any) -> None:
+    params.get("headers", {}).pop("Expect", None)
+
+
+def _bound_puts(url: str, fs: Any) -> None:
+    """botocore asks ``Expect: 100-continue`` on every S3 PUT with a body, and aiohttp waits for that interim
+    answer with no timeout at all: a PUT to an endpoint that never answers would hang for ever. s3fs's client
+    sends PUTs without the header instead (the body goes at once; the read timeout bounds the wait for the
+    answer). Registered once per client, after botocore's own handler."""
+    try:
+        client = fs.s3  # s3fs's client, made on first use
+    except _REMOTE_ERRORS as exc:
+        raise storage_error(url, exc, "connect to S3") from exc
+    if getattr(fs, "_cai_bounded_client", None) is not client:
+        client.meta.events.register("before-call.s3", _drop_expect_continue, unique_id="cai-no-expect-continue")
+        fs._cai_bounded_client = client
+
+
+def _is_s3(url: str) -> bool:
+    return url.startswith(("s3://", "s3a://"))
+
+
 def storage_options(url: str) -> dict[str, Any]:
-    """fsspec options for ``url``: the configured S3 endpoint for s3:// URLs."""
-    if url.startswith(("s3://", "s3a://")):
-        opts: dict[str, Any] = {}
+    """fsspec options for ``url``: for s3:// URLs the configured endpoint and the timeouts and attempts of
+    :func:`s3_client_settings` (s3fs ``config_kwargs``)."""
+    if _is_s3(url):
+        opts: dict[str, Any] = {"config_kwargs": s3_client_settings().config_kwargs()}
         endpoint = s3_endpoint()
         if endpoint:
             opts["endpoint_url"] = endpoint
@@ -102,7 +233,55 @@ def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """The fsspec filesystem for ``url`` and the path within it (``~`` and ``$VAR`` expanded in local paths)."""
     url = expand(url)
     fs, path = url_to_fs(url, **storage_options(url))
+    if _is_s3(url):
+        fs.retries = S3FS_RETRIES  # not an s3fs option: an attribute of the (cached) filesystem
+        _bound_puts(url, fs)
     return fs, path
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def storage_error(url: str, exc: BaseException, doing: str = "write") -> StorageError:
+    """The one-line StorageError for ``exc``, raised while trying to ``doing`` (read, write, list...) ``url``.
+
+    A full disk or quota, a read-only filesystem, a refused permission and an S3 endpoint that does not answer
+    each get their own message naming ``url`` and what to do; anything else is ``URL: cannot DOING (reason)``.
+    """
+    if isinstance(exc, StorageError):
+        return exc
+    code = getattr(exc, "errno", None)
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return StorageError(f"no space left on {url}: free space (or raise the quota) there, or write "
+                            "somewhere else, then run again")
+    if code == errno.EROFS:
+        return StorageError(f"{url} is read-only: cannot {doing} there; use a writable location (or remount "
+                            "it read-write), then run again")
+    if code in (errno.EACCES, errno.EPERM) or isinstance(exc, PermissionError):
+        return StorageError(f"permission denied: {url} (cannot {doing}): fix its permissions or credentials, "
+                            "or use another location")
+    if isinstance(exc, _TIMEOUTS):
+        return StorageError(_timeout_message(url, doing))
+    if isinstance(exc, _UNREACHABLE):
+        return StorageError(f"{url}: cannot {doing}: cannot reach the S3 endpoint {_endpoint_name()} "
+                            f"({_one_line(exc)}); check CAI_S3_ENDPOINT and the network")
+    return StorageError(f"{url}: cannot {doing} ({_one_line(exc)})")
+
+
+def _endpoint_name() -> str:
+    return s3_endpoint() or "AWS S3 (no CAI_S3_ENDPOINT set)"
+
+
+def _timeout_message(url: str, doing: str) -> str:
+    try:
+        cfg = s3_client_settings()
+        limits = (f"connect timeout {cfg.connect_timeout:g} s, read timeout {cfg.read_timeout:g} s, "
+                  f"{cfg.max_attempts} attempt(s) x {S3FS_RETRIES}")
+    except ConfigError:
+        limits = "timed out"
+    return (f"{url}: cannot {doing}: the S3 endpoint {_endpoint_name()} did not answer ({limits}); check the "
+            "endpoint and the network, or raise CAI_S3_READ_TIMEOUT / CAI_S3_MAX_ATTEMPTS")
 
 
 def _protocol(url: str) -> str:
@@ -150,7 +329,7 @@ def exists(url: str) -> bool:
     try:
         return fs.exists(path)
     except _REMOTE_ERRORS as exc:
-        raise StorageError(f"{url}: cannot check existence ({exc})") from exc
+        raise storage_error(url, exc, "check existence") from exc
 
 
 def read_bytes(url: str) -> bytes:
@@ -163,7 +342,7 @@ def read_bytes(url: str) -> bytes:
     except IsADirectoryError as exc:
         raise StorageError(f"{url}: is a directory, expected a file") from exc
     except _REMOTE_ERRORS as exc:
-        raise StorageError(f"{url}: cannot read ({exc})") from exc
+        raise storage_error(url, exc, "read") from exc
 
 
 def map_urls(fn: Callable[[str], Any], urls: Iterable[str], threads: int = 16) -> list[Any]:
@@ -196,43 +375,41 @@ def write_bytes(url: str, data: bytes) -> None:
         fs, path = filesystem(url)
         fs.pipe_file(path, data)
     except _REMOTE_ERRORS as exc:
-        raise StorageError(f"{url}: cannot write ({exc})") from exc
+        raise storage_error(url, exc, "write") from exc
 
 
 class AtomicWriter:
     """A file written in pieces (``write`` or the file object ``fh``) that appears at ``url`` only on
     :meth:`commit`: locally a temporary file in the same folder with the usual permissions, fsynced and renamed;
     on S3 an fsspec file, whose multipart upload completes at commit. :meth:`abort` discards it, so readers see
-    the old object or the whole new one. As a context manager it commits, or aborts on an exception."""
+    the old object or the whole new one. As a context manager it commits, or aborts on an exception.
+
+    Any failure (opening, writing, fsync, close, rename) aborts first, so no temporary file is left, and raises
+    the one-line :func:`storage_error` naming ``url``; :meth:`abort` itself never raises."""
 
     def __init__(self, url: str):
         self.url = url
         self._tmp: str | None = None
         self._final: str | None = local_path(url)
         self.fh: Any = None
-        try:
+        with self._aborting_on_error():
             if self._final is not None:
                 folder = os.path.dirname(os.path.abspath(self._final))
                 os.makedirs(folder, exist_ok=True)
                 fd, self._tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
-                os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
                 self.fh = os.fdopen(fd, "wb")
+                os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
             else:
                 fs, path = filesystem(url)
                 self.fh = fs.open(path, "wb")
-        except _REMOTE_ERRORS as exc:
-            self.abort()
-            raise StorageError(f"{url}: cannot write ({exc})") from exc
 
     def write(self, data: bytes) -> None:
-        try:
+        with self._aborting_on_error():
             self.fh.write(data)
-        except _REMOTE_ERRORS as exc:
-            raise StorageError(f"{self.url}: cannot write ({exc})") from exc
 
     def commit(self) -> None:
         """Make the written bytes the object at ``url``."""
-        try:
+        with self._aborting_on_error():
             if self._tmp is not None:
                 self.fh.flush()
                 os.fsync(self.fh.fileno())  # never an empty file under the final name after a crash
@@ -242,24 +419,39 @@ class AtomicWriter:
             else:
                 self.fh.close()  # completes the upload: the object appears now
             self.fh = None
-        except _REMOTE_ERRORS as exc:
-            self.abort()
-            raise StorageError(f"{self.url}: cannot write ({exc})") from exc
 
     def abort(self) -> None:
-        """Discard what was written (remove the temporary file, or abort the upload)."""
+        """Discard what was written (remove the temporary file, or abort the upload). Never raises: it runs
+        while another error is on its way, which must reach the user unmasked."""
         fh, self.fh = self.fh, None
-        if self._tmp is not None:
+        tmp, self._tmp = self._tmp, None
+        if tmp is not None:
             if fh is not None:
-                fh.close()
-            if os.path.exists(self._tmp):
-                os.unlink(self._tmp)
-            self._tmp = None
-        elif fh is not None and not fh.closed:
+                try:
+                    fh.close()  # flushes what is buffered, which can fail again (ENOSPC); the fd is closed anyway
+                except Exception:  # noqa: BLE001 - the file is being thrown away
+                    pass
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass  # already gone, or the folder turned read-only: nothing more can be done
+        elif fh is not None:  # not committed (a failed close has already marked it closed)
             try:
                 fh.discard()  # s3fs: abort the multipart upload
+            except Exception:  # noqa: BLE001 - an upload left incomplete is never visible
+                pass
             finally:
                 fh.closed = True  # never completed later (fsspec closes files when collected)
+
+    @contextlib.contextmanager
+    def _aborting_on_error(self) -> Iterator[None]:
+        try:
+            yield
+        except BaseException as exc:
+            self.abort()
+            if isinstance(exc, _REMOTE_ERRORS) and not isinstance(exc, CaiError):
+                raise storage_error(self.url, exc, "write") from exc
+            raise
 
     def __enter__(self) -> "AtomicWriter":
         return self
@@ -326,7 +518,7 @@ def list_files_with_info(url: str, suffixes: Iterable[str] | str | None = None,
     except FileNotFoundError:
         return []
     except _REMOTE_ERRORS as exc:
-        raise StorageError(f"{url}: cannot list ({exc})") from exc
+        raise storage_error(url, exc, "list") from exc
     proto = _protocol(url)
     out = []
     for name, info in entries:
@@ -369,23 +561,99 @@ def file_info(url: str) -> tuple[int, str | None] | None:
     except FileNotFoundError:
         return None
     except _REMOTE_ERRORS as exc:
-        raise StorageError(f"{url}: cannot stat ({exc})") from exc
+        raise storage_error(url, exc, "stat") from exc
     if info.get("type") == "directory":
         return None
     return int(info.get("size") or 0), fingerprint(info)
 
 
 def remove(url: str, recursive: bool = False) -> None:
-    """Delete a file (or a folder with recursive=True); a missing target is not an error."""
-    fs, path = filesystem(url)
+    """Delete the file at ``url``, or with recursive=True also everything inside the folder ``url`` (on S3: the
+    object ``url`` and every key starting with ``url/``). The name is literal: ``run[1]`` never removes ``run1``.
+    A missing target is not an error. A folder is never removed without recursive=True: locally that is a
+    StorageError naming it (on S3, where a folder is not an object, deleting it is the no-op it is for any
+    missing object, or the same StorageError where the server refuses)."""
     try:
-        fs.rm(path, recursive=recursive)
+        path = local_path(url)
+        if path is not None:
+            _remove_local(url, path, recursive)
+            return
+        fs, key = filesystem(url)
+        if recursive:
+            _remove_tree_remote(url, fs, key.rstrip("/"))
+        else:
+            _remove_file_remote(url, fs, key)
     except FileNotFoundError:
         pass
     except _REMOTE_ERRORS as exc:
-        raise StorageError(f"{url}: cannot remove ({exc})") from exc
+        raise storage_error(url, exc, "remove") from exc
 
 
-def unique_suffix() -> str:
-    """A short random token for temporary names."""
-    return uuid.uuid4().hex[:12]
+def _remove_local(url: str, path: str, recursive: bool) -> None:
+    path = os.path.abspath(path)
+    if os.path.isdir(path) and not os.path.islink(path):
+        if not recursive:
+            raise StorageError(f"{url}: is a folder, not removed (remove(url, recursive=True) removes folders)")
+        if os.path.dirname(path) == path:
+            raise StorageError(f"{url}: refusing to remove the root of a filesystem")
+        shutil.rmtree(path)
+    else:
+        os.remove(path)  # a link is removed, never what it points to
+
+
+def _remove_file_remote(url: str, fs: Any, key: str) -> None:
+    try:
+        fs.rm_file(key)  # one exact name; fs.rm would expand patterns
+    except FileNotFoundError:
+        raise
+    except OSError:
+        if fs.isdir(key):  # some servers refuse to delete a "folder" key; say what it is, like locally
+            raise StorageError(f"{url}: is a folder, not removed (remove(url, recursive=True) removes folders)")
+        raise
+
+
+def _remove_tree_remote(url: str, fs: fsspec.AbstractFileSystem, key: str) -> None:
+    if not hasattr(fs, "call_s3"):
+        names = [n for n in fs.find(key) if n == key or n.startswith(key + "/")]
+        for name in names:
+            fs.rm_file(name)
+        return
+    bucket, _, prefix = key.partition("/")
+    keys = _s3_keys(fs, bucket, prefix + "/" if prefix else "")
+    if prefix and _s3_object_exists(fs, bucket, prefix):
+        keys.append(prefix)
+    try:
+        for i in range(0, len(keys), 1000):
+            _s3_delete(url, fs, bucket, keys[i:i + 1000])
+    finally:
+        fs.invalidate_cache(key)
+
+
+def _s3_keys(fs: Any, bucket: str, prefix: str) -> list[str]:
+    """Every key starting with ``prefix`` (a literal string, paged through ListObjectsV2)."""
+    keys: list[str] = []
+    kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix}
+    while True:
+        page = fs.call_s3("list_objects_v2", **kwargs)
+        keys += [c["Key"] for c in page.get("Contents", []) if c["Key"].startswith(prefix)]
+        if not page.get("IsTruncated"):
+            return keys
+        kwargs["ContinuationToken"] = page["NextContinuationToken"]
+
+
+def _s3_object_exists(fs: Any, bucket: str, key: str) -> bool:
+    try:
+        fs.call_s3("head_object", Bucket=bucket, Key=key)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _s3_delete(url: str, fs: Any, bucket: str, keys: list[str]) -> None:
+    out = fs.call_s3("delete_objects", Bucket=bucket, Delete={"Objects": [{"Key": k} for k in keys], "Quiet": True})
+    failed = [e for e in out.get("Errors", []) if e.get("Code") != "NoSuchKey"]
+    if failed:
+        first = failed[0]
+        more = f" and {len(failed) - 1} more" if len(failed) > 1 else ""
+        raise StorageError(f"{url}: cannot remove s3://{bucket}/{first.get('Key')}{more} "
+                           f"({first.get('Code')}: {first.get('Message')})")

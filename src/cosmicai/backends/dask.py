@@ -31,7 +31,7 @@ from distributed import Client, LocalCluster, as_completed
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from ..errors import ConfigError
-from ..storage import ENDPOINT_VARS
+from ..storage import S3_CLIENT_VARS
 from .env import THREAD_VARS, gpu_ids
 
 
@@ -143,9 +143,9 @@ class DaskBackend:
         except OSError as exc:
             self.close()
             raise ConfigError(f"dask backend: cannot reach the scheduler {scheduler!r}: {exc}") from exc
-        # The S3 endpoint the client uses (storage.ENDPOINT_VARS) must reach remote workers too (they get only
-        # {result_url, rank}).
-        env = {var: os.environ[var] for var in ENDPOINT_VARS if os.environ.get(var)}
+        # The S3 endpoint and timeouts the client uses (storage.S3_CLIENT_VARS) must reach remote workers too (they
+        # get only their task items).
+        env = {var: os.environ[var] for var in S3_CLIENT_VARS if os.environ.get(var)}
         if threads or gpus_per_node > 1 or env:
             self.client.register_plugin(WorkerSetup(threads, gpus_per_node, env))
         self.dashboard_link = self.client.dashboard_link

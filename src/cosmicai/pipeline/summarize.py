@@ -451,20 +451,20 @@ class _StreamedParquet:
             self._writer = pq.ParquetWriter(_KeepOpen(self._out.fh), schema)
         except storage.REMOTE_ERRORS as exc:
             self._out.abort()
-            raise StorageError(f"{url}: cannot write ({exc})") from exc
+            raise storage.storage_error(url, exc, "write") from exc
 
     def write(self, table: Any) -> None:
         try:
             self._writer.write_table(table, row_group_size=ROW_GROUP_ROWS)
         except storage.REMOTE_ERRORS as exc:
-            raise StorageError(f"{self.url}: cannot write ({exc})") from exc
+            raise storage.storage_error(self.url, exc, "write") from exc
 
     def commit(self) -> None:
         try:
             self._writer.close()
         except storage.REMOTE_ERRORS as exc:
             self._out.abort()
-            raise StorageError(f"{self.url}: cannot write ({exc})") from exc
+            raise storage.storage_error(self.url, exc, "write") from exc
         self._out.commit()
 
     def abort(self) -> None:
@@ -529,7 +529,10 @@ def _arrow_s3(url: str) -> Any:
     try:
         import pyarrow.fs as pafs
 
-        opts: dict[str, Any] = {"allow_delayed_open": True}
+        settings = storage.s3_client_settings()  # the same timeouts and attempts as every other S3 call
+        opts: dict[str, Any] = {"allow_delayed_open": True, "connect_timeout": settings.connect_timeout,
+                                "request_timeout": settings.read_timeout,
+                                "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=settings.max_attempts)}
         endpoint = storage.s3_endpoint()
         region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
         if endpoint:
