@@ -210,7 +210,7 @@ def test_out_of_memory_read_names_the_file_and_its_size(tmp_path):
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     size = 8 + len(raw) + offset
-    assert out.stdout.strip() == (f"DataError {path}: out of memory reading the {size:,}-byte partition; give the "
+    assert out.stdout.strip() == (f"OutOfMemoryError {path}: out of memory reading the {size:,}-byte partition; give the "
                                   f"worker more memory or split the dataset into smaller partitions (cai data "
                                   f"split --partition-size)"), out.stdout + out.stderr
 

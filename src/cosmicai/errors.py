@@ -25,3 +25,8 @@ class UnsafePickleError(DataError):
 
 class StorageError(CaiError, OSError):
     """A storage URL could not be read, written or listed."""
+
+
+class OutOfMemoryError(CaiError, MemoryError):
+    """Reading, decoding or predicting ran out of memory; the message names the partition, its size and what to
+    change."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .. import storage
-from ..errors import DataError, StorageError
+from ..errors import DataError, OutOfMemoryError, StorageError
 from .formats import (MANIFEST_NAME, PARTITION_SUFFIX, Partition, _check_header, decode_partition, header_length,
                       load_partition_file, name_problem, read_manifest)
 
@@ -52,9 +52,9 @@ def decode(data: bytes, name: str, allow_nonfinite: bool = False) -> Partition:
     raise DataError(f"{name}: unsupported partition format (expected a {PARTITION_SUFFIX} or {LEGACY_SUFFIX} file)")
 
 
-def _out_of_memory(url: str, size: int | None, doing: str) -> DataError:
+def _out_of_memory(url: str, size: int | None, doing: str) -> OutOfMemoryError:
     held = f"{size:,}-byte" if size is not None else "this"
-    return DataError(f"{url}: out of memory {doing} the {held} partition; give the worker more memory or split "
+    return OutOfMemoryError(f"{url}: out of memory {doing} the {held} partition; give the worker more memory or split "
                      f"the dataset into smaller partitions (cai data split --partition-size)")
 
 

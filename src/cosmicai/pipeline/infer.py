@@ -28,17 +28,13 @@ import numpy as np
 
 from .. import storage
 from ..data.formats import INPUT_BITS_PER_SAMPLE, Partition, sha256_hex
-from ..errors import CaiError, ConfigError, DataError
+from ..errors import CaiError, ConfigError, DataError, OutOfMemoryError
 from .plan import Plan, check_task_digest, current_plan_hash, load_plan
 from ..results import (MAGNITUDE_RANGE, ORIGINAL_KEYS, PHASES, PIXEL_LIMIT, error_url, predictions_url,
                        record_url)
 
 _MODELS: dict[tuple, Any] = {}
 _WORKER_THREADS: int | None = None
-
-
-class OutOfMemoryError(CaiError, MemoryError):
-    """A rank ran out of memory; the message names the partition, its size and what to change."""
 
 
 def out_of_range_rows(data: Partition) -> tuple[np.ndarray, np.ndarray]:
