@@ -150,3 +150,47 @@ def test_zero_galaxies_give_an_empty_partition():
     assert list(synth.iter_synthesize(0, chunk=5, workers=1)) == []
     with pytest.raises(ConfigError, match="'chunk'"):
         synth.iter_synthesize(10, chunk=0)  # checked when called, before any iteration
+
+
+def test_resumed_synth_renders_only_missing_partitions(tmp_path, monkeypatch, capsys):
+    """A resumed `cai data synth` renders only what is not there: counted by spying on make_galaxy."""
+    import hashlib
+    import os
+
+    from cosmicai.cli import main
+
+    rendered: list[int] = []
+    real = synth.make_galaxy
+
+    def spy(seed, object_id, tab=None):
+        rendered.append(object_id)
+        return real(seed, object_id, tab)
+
+    monkeypatch.setattr(synth, "make_galaxy", spy)
+    out = tmp_path / "s"
+    args = ["data", "synth", "--galaxies", "10", "--partition-size", str(4 * 20_508), "--workers", "1",
+            "--seed", "4", "--out", str(out), "--quiet"]
+    assert main(args) == 0
+    assert sorted(rendered) == list(range(10))
+    names = [f"part-00000{k}.safetensors" for k in (1, 2, 3)]
+    digest = {n: hashlib.sha256((out / n).read_bytes()).hexdigest() for n in names}
+    manifest = (out / "manifest.json").read_text()
+    first_mtime = os.stat(out / names[0]).st_mtime_ns
+    # an interrupted write: no manifest yet, partition 2 never written, partition 3 cut short
+    (out / "manifest.json").unlink()
+    (out / names[1]).unlink()
+    data = (out / names[2]).read_bytes()
+    (out / names[2]).write_bytes(data[:-100])
+    rendered.clear()
+    capsys.readouterr()
+    assert main(args) == 0
+    assert sorted(rendered) == [4, 5, 6, 7, 8, 9]  # partitions 2 and 3 only
+    assert "2 written, 1 already present" in capsys.readouterr().out
+    assert {n: hashlib.sha256((out / n).read_bytes()).hexdigest() for n in names} == digest
+    assert (out / "manifest.json").read_text() == manifest
+    assert os.stat(out / names[0]).st_mtime_ns == first_mtime  # kept, not rewritten
+    rendered.clear()
+    assert main(args) == 0 and rendered == []  # everything present: nothing rendered
+    # another seed is another dataset: refused, nothing rendered
+    assert main(args[:-4] + ["5", "--out", str(out), "--quiet"]) == 2
+    assert rendered == [] and "already holds a dataset" in capsys.readouterr().err

@@ -47,6 +47,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         _writer_options(p)
         p.add_argument("--drop-nonfinite", action="store_true",
                        help="drop rows with NaN/inf (and report how many) instead of stopping with an error")
+        if name == "convert":
+            p.add_argument("--catalog", metavar="CAT",
+                           help="catalogue (CSV, Parquet or FITS table) of the per-galaxy cutouts in the folder SRC "
+                           "(.npy or FITS files of [5, 32, 32]): magnitudes (u g r i z, mag_u..mag_z or "
+                           "'magnitudes'), an id column (object_id, objid or id), optional redshift and file; rows "
+                           "join cutouts by 'file' or by id = file name without suffix")
+            p.add_argument("--columns", metavar="A,B,...",
+                           help="numeric catalogue columns to carry into the partitions and predictions, e.g. "
+                           "ra,dec,specobjid (with --catalog)")
+            p.add_argument("--id-column", metavar="NAME",
+                           help="catalogue column holding the object ids (default: object_id, objid or id)")
         p.set_defaults(func=cmd_split)
 
     p = sub.add_parser("info", help="summarise a dataset (partitions, rows, bytes, redshift)")
@@ -69,28 +80,34 @@ def _apply_endpoint(args: argparse.Namespace) -> None:
 
 def cmd_synth(args: argparse.Namespace) -> int:
     from ..errors import ConfigError
-    from ..data.convert import Chunk
-    from ..data.split import rows_per_partition, with_id, write_dataset
-    from ..data.synth import iter_synthesize
+    from ..data.split import synth_dataset
 
     _apply_endpoint(args)
     if args.galaxies < 1:
         raise ConfigError(f"--galaxies must be >= 1, got {args.galaxies}")
-    rows = rows_per_partition(args.partition_size)
-    parts = iter_synthesize(args.galaxies, seed=args.seed, chunk=rows, workers=args.workers, first_id=0)
-    chunks = (Chunk("synth", 0, part, has_ids=True) for part in parts)
-    identity = with_id({"source": "synth", "galaxies": args.galaxies, "seed": args.seed, "rows_per_partition": rows})
-    report = write_dataset(chunks, args.out, rows, progress=not args.quiet, total_rows=args.galaxies,
-                           description=f"synthetic galaxies, seed {args.seed}, partitions of {args.partition_size}",
-                           identity=identity, replace=args.replace)
+    report = synth_dataset(args.galaxies, args.out, seed=args.seed, partition_size=args.partition_size,
+                           workers=args.workers, progress=not args.quiet, replace=args.replace)
     print("\n".join(report.lines()))
     return 0
 
 
 def cmd_split(args: argparse.Namespace) -> int:
     from ..data.split import split
+    from ..errors import ConfigError
 
     _apply_endpoint(args)
+    catalog = getattr(args, "catalog", None)
+    if catalog is None and (getattr(args, "columns", None) or getattr(args, "id_column", None)):
+        raise ConfigError("--columns and --id-column go with --catalog (a folder of cutouts and its catalogue)")
+    if catalog is not None:
+        from ..data.cutouts import convert_cutouts
+
+        columns = [c.strip() for c in (args.columns or "").split(",") if c.strip()]
+        report = convert_cutouts(args.src, catalog, args.out, columns=columns, id_column=args.id_column,
+                                 partition_size=args.partition_size, drop_nonfinite=args.drop_nonfinite,
+                                 progress=not args.quiet, replace=args.replace)
+        print("\n".join(report.lines()))
+        return 0
     report = split(args.src, args.out, partition_size=args.partition_size, drop_nonfinite=args.drop_nonfinite,
                    progress=not args.quiet, replace=args.replace)
     print("\n".join(report.lines()))
@@ -115,6 +132,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     if info["manifest"]:
         print(f"redshift    {'yes' if info['has_redshift'] else 'no'}")
         print(f"format      v{info['format_version']}, bands {info['bands']}, image {info['image_shape']}")
+        if info.get("columns"):
+            print(f"columns     {', '.join(info['columns'])} (carried from the catalogue)")
         if info["description"]:
             print(f"about       {info['description']}")
     else:

@@ -37,14 +37,12 @@ import numpy as np
 from .. import storage
 from ..errors import DataError
 from .formats import BANDS, MANIFEST_NAME, PARTITION_SUFFIX, Partition, read_manifest
-from .partition import check_listed_name
+from .partition import FITS_SUFFIXES, HDF5_SUFFIXES, check_listed_name
 
 #: Rows read at a time from HDF5/FITS/npz/npy sources.
 CHUNK_ROWS = 4096
 #: Partition files fetched ahead while earlier ones are re-partitioned.
 PREFETCH = 8
-FITS_SUFFIXES = (".fits", ".fit", ".fts", ".fits.gz", ".fit.gz")
-HDF5_SUFFIXES = (".h5", ".hdf5", ".he5")
 SUPPORTED_SUFFIXES = (PARTITION_SUFFIX, ".pt", ".npz") + HDF5_SUFFIXES + FITS_SUFFIXES
 NPY_KEYS = ("images", "magnitudes", "redshift", "object_id")
 
@@ -298,7 +296,10 @@ def _iter_fits(url: str, chunk_rows: int) -> Iterator[Chunk]:
         cubes = named or [h for h in image_hdus if h.header.get("NAXIS") == 4]
         if not cubes:
             shapes = [list(h.shape) for h in image_hdus]
-            raise DataError(f"{url}: no image HDU of shape [N, 5, 32, 32] (image HDUs found: {shapes or 'none'})")
+            hint = ("; it holds one galaxy: for a folder of per-galaxy cutouts give their catalogue: cai data "
+                    "convert FOLDER --catalog CATALOG --out DATASET") if [5, 32, 32] in shapes else ""
+            raise DataError(f"{url}: no image HDU of shape [N, 5, 32, 32] (image HDUs found: {shapes or 'none'})"
+                            f"{hint}")
         if not tables:
             raise DataError(f"{url}: no binary table HDU with magnitudes (and optional redshift, object_id)")
         table = next((t for t in tables if t.name.upper() == "CATALOG"), tables[0])
@@ -411,6 +412,9 @@ def open_source(url: str) -> Source:
     if "images.npy" in names:
         return Source(url, "npy-folder", [u for u, _ in listed if u.endswith(".npy")])
     files = [(u, s) for u, s in listed if _suffix_of(u) in FILE_READERS]
+    if not files and any(u.endswith(".npy") for u, _ in listed):
+        raise DataError(f"{url}: .npy files but no images.npy: for per-galaxy cutouts ([5, 32, 32] each) give "
+                        f"their catalogue: cai data convert {url} --catalog CATALOG --out DATASET (see docs/data.md)")
     if not files:
         found = sorted({_suffix_of(u) for u, _ in listed})
         raise DataError(f"{url}: no supported files in the folder (found {', '.join(found)}; supported: "

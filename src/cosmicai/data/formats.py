@@ -7,7 +7,9 @@ A native partition is one safetensors file holding
 * ``object_id``  int64   [N]
 * ``redshift``   float32 [N]  (optional: present when true redshifts are known)
 
-with string metadata ``format`` = ``cosmicai-partition``, ``format_version`` and ``bands``. It decodes
+and, optionally, extra per-row catalogue columns as tensors ``catalog.<name>`` (1-D, length N, float32, float64,
+int32, int64 or uint64; at most 32), with string metadata ``format`` = ``cosmicai-partition``,
+``format_version`` and ``bands``. It decodes
 without pickle, zero-copy from bytes or a memory map. ``manifest.json`` beside the partitions lists them.
 """
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -28,6 +31,22 @@ BANDS: tuple[str, ...] = ("u", "g", "r", "i", "z")
 IMAGE_SHAPE: tuple[int, int, int] = (5, 32, 32)
 PARTITION_SUFFIX = ".safetensors"
 MANIFEST_NAME = "manifest.json"
+
+#: Prefix of the tensors holding catalogue columns carried through (``catalog.ra``, ``catalog.specobjid``).
+COLUMN_PREFIX = "catalog."
+#: The most catalogue columns a partition may carry.
+MAX_COLUMNS = 32
+#: Dtypes a catalogue column may have.
+COLUMN_DTYPES: tuple[np.dtype, ...] = tuple(np.dtype(t) for t in ("float32", "float64", "int32", "int64", "uint64"))
+_COLUMN_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+
+
+def column_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a catalogue column name, or None when it can."""
+    if not isinstance(name, str) or not _COLUMN_NAME.match(name):
+        return f"column name {name!r} must match [A-Za-z_][A-Za-z0-9_]* (letters, digits, underscore)"
+    return None
+
 
 #: Bytes one sample occupies in a native partition (images + magnitudes + redshift + object_id).
 NATIVE_SAMPLE_BYTES = 4 * 5 * 32 * 32 + 4 * 5 + 4 + 8
@@ -45,6 +64,8 @@ class Partition:
     magnitudes: np.ndarray
     object_id: np.ndarray
     redshift: np.ndarray | None = None
+    #: Catalogue columns carried through, by name (without the ``catalog.`` prefix), each 1-D of length N.
+    columns: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -53,6 +74,7 @@ class Partition:
     def nbytes(self) -> int:
         """Bytes of array data held (what partition sizes are counted in)."""
         total = self.images.nbytes + self.magnitudes.nbytes + self.object_id.nbytes
+        total += sum(c.nbytes for c in self.columns.values())
         return total + (self.redshift.nbytes if self.redshift is not None else 0)
 
     def validate(self, source: str = "partition", allow_nonfinite: bool = False) -> "Partition":
@@ -76,6 +98,7 @@ class Partition:
             raise DataError(f"{source}: 'object_id' has shape {tuple(self.object_id.shape)}, expected [{n}]")
         if self.redshift is not None and self.redshift.shape != (n,):
             raise DataError(f"{source}: 'redshift' has shape {tuple(self.redshift.shape)}, expected [{n}]")
+        self._validate_columns(source, n)
         if not allow_nonfinite and not self._surely_finite():
             bad = self.nonfinite_rows()
             if bad.any():
@@ -83,6 +106,24 @@ class Partition:
                 raise DataError(f"{source}: {rows.size} row(s) have NaN or inf in images or magnitudes "
                                 f"(first rows: {rows[:5].tolist()}); use drop_nonfinite to drop them")
         return self
+
+    def _validate_columns(self, source: str, n: int) -> None:
+        if not isinstance(self.columns, dict):
+            raise DataError(f"{source}: 'columns' is {type(self.columns).__name__}, expected a dict of arrays")
+        if len(self.columns) > MAX_COLUMNS:
+            raise DataError(f"{source}: {len(self.columns)} catalogue columns, at most {MAX_COLUMNS} are allowed")
+        allowed = ", ".join(str(d) for d in COLUMN_DTYPES)
+        for name, arr in self.columns.items():
+            problem = column_name_problem(name)
+            if problem:
+                raise DataError(f"{source}: catalogue {problem}")
+            if not isinstance(arr, np.ndarray):
+                raise DataError(f"{source}: catalogue column '{name}' is {type(arr).__name__}, expected a numpy array")
+            if arr.dtype not in COLUMN_DTYPES:
+                raise DataError(f"{source}: catalogue column '{name}' has dtype {arr.dtype}, expected one of "
+                                f"{allowed}")
+            if arr.shape != (n,):
+                raise DataError(f"{source}: catalogue column '{name}' has shape {tuple(arr.shape)}, expected [{n}]")
 
     def _surely_finite(self) -> bool:
         """Fast check: a finite float32 sum proves every value finite (NaN/inf propagate into the sum);
@@ -102,16 +143,24 @@ class Partition:
     def take(self, index: np.ndarray | slice) -> "Partition":
         """A new Partition with the selected rows."""
         return Partition(self.images[index], self.magnitudes[index], self.object_id[index],
-                         None if self.redshift is None else self.redshift[index])
+                         None if self.redshift is None else self.redshift[index],
+                         {k: v[index] for k, v in self.columns.items()})
 
     @staticmethod
     def concat(parts: list["Partition"]) -> "Partition":
-        """Concatenate partitions row-wise (redshift kept only if every part has it)."""
+        """Concatenate partitions row-wise (redshift kept only if every part has it; every part must carry the
+        same catalogue columns)."""
         if not parts:
             raise DataError("cannot concatenate zero partitions")
+        names = list(parts[0].columns)
+        for p in parts[1:]:
+            if sorted(p.columns) != sorted(names):
+                raise DataError(f"cannot concatenate partitions with different catalogue columns "
+                                f"({sorted(names)} and {sorted(p.columns)})")
         z = None if any(p.redshift is None for p in parts) else np.concatenate([p.redshift for p in parts])
+        cols = {k: np.concatenate([p.columns[k] for p in parts]) for k in names}
         return Partition(np.concatenate([p.images for p in parts]), np.concatenate([p.magnitudes for p in parts]),
-                         np.concatenate([p.object_id for p in parts]), z)
+                         np.concatenate([p.object_id for p in parts]), z, cols)
 
 
 def encode_partition(part: Partition) -> bytes:
@@ -123,7 +172,11 @@ def encode_partition(part: Partition) -> bytes:
                "object_id": np.ascontiguousarray(part.object_id)}
     if part.redshift is not None:
         tensors["redshift"] = np.ascontiguousarray(part.redshift)
+    for name, arr in part.columns.items():
+        tensors[COLUMN_PREFIX + name] = np.ascontiguousarray(arr)
     meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "bands": ",".join(BANDS)}
+    if part.columns:
+        meta["columns"] = ",".join(part.columns)
     return _canonical_metadata(save(tensors, metadata=meta))
 
 
@@ -140,8 +193,8 @@ def _canonical_metadata(data: bytes) -> bytes:
     return data[:8] + text.ljust(hlen, b" ") + data[8 + hlen:]
 
 
-#: The most header bytes a native partition can have (it holds four tensor entries and three metadata keys, a
-#: few hundred bytes); a longer header length is junk and refused before it is read.
+#: The most header bytes a native partition can have (it holds four tensor entries, up to 32 catalogue columns
+#: and three metadata keys, a few KiB at most); a longer header length is junk and refused before it is read.
 MAX_HEADER_BYTES = 1 << 16
 
 
@@ -194,7 +247,8 @@ def decode_partition(data: bytes, source: str = "partition", allow_nonfinite: bo
     DataError names ``source`` on any defect. Copy an array (``np.array(part.images)``) to modify it.
     """
     header = _check_header(data, source)
-    return _from_arrays(_tensor_views(np.frombuffer(data, dtype=np.uint8), header, source), source, allow_nonfinite)
+    return _from_arrays(_tensor_views(np.frombuffer(data, dtype=np.uint8), header, source), source, allow_nonfinite,
+                        header.get("__metadata__"))
 
 
 def load_partition_file(path: str, source: str | None = None, allow_nonfinite: bool = False) -> Partition:
@@ -202,10 +256,11 @@ def load_partition_file(path: str, source: str | None = None, allow_nonfinite: b
     mm = np.memmap(path, dtype=np.uint8, mode="r")
     source = source or path
     header = _check_header(mm, source)
-    return _from_arrays(_tensor_views(mm, header, source), source, allow_nonfinite)
+    return _from_arrays(_tensor_views(mm, header, source), source, allow_nonfinite, header.get("__metadata__"))
 
 
-_DTYPES = {"F32": np.float32, "I64": np.int64, "F64": np.float64, "F16": np.float16, "I32": np.int32}
+_DTYPES = {"F32": np.float32, "I64": np.int64, "F64": np.float64, "F16": np.float16, "I32": np.int32,
+           "U64": np.uint64}
 
 
 def _tensor_views(buf: np.ndarray, header: dict[str, Any], source: str) -> dict[str, np.ndarray]:
@@ -229,14 +284,20 @@ def _tensor_views(buf: np.ndarray, header: dict[str, Any], source: str) -> dict[
     return arrays
 
 
-def _from_arrays(arrays: dict[str, np.ndarray], source: str, allow_nonfinite: bool) -> Partition:
+def _from_arrays(arrays: dict[str, np.ndarray], source: str, allow_nonfinite: bool,
+                 meta: dict[str, Any] | None = None) -> Partition:
     missing = [k for k in ("images", "magnitudes", "object_id") if k not in arrays]
     if missing:
         raise DataError(f"{source}: missing tensor(s) {missing}")
-    unknown = sorted(set(arrays) - {"images", "magnitudes", "object_id", "redshift"})
+    unknown = sorted(k for k in set(arrays) - {"images", "magnitudes", "object_id", "redshift"}
+                     if not k.startswith(COLUMN_PREFIX))
     if unknown:
         raise DataError(f"{source}: unexpected tensor(s) {unknown}")
-    part = Partition(arrays["images"], arrays["magnitudes"], arrays["object_id"], arrays.get("redshift"))
+    columns = {k[len(COLUMN_PREFIX):]: v for k, v in sorted(arrays.items()) if k.startswith(COLUMN_PREFIX)}
+    order = [c for c in (meta or {}).get("columns", "").split(",") if c]
+    if sorted(order) == sorted(columns):  # the writer's column order, when the metadata gives it
+        columns = {c: columns[c] for c in order}
+    part = Partition(arrays["images"], arrays["magnitudes"], arrays["object_id"], arrays.get("redshift"), columns)
     return part.validate(source, allow_nonfinite=allow_nonfinite)
 
 
@@ -289,6 +350,8 @@ class Manifest:
     total_rows: int = 0
     total_bytes: int = 0
     description: str = ""
+    #: Catalogue columns every partition carries (``catalog.<name>`` tensors), in order.
+    columns: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.total_rows = sum(p.rows for p in self.partitions)
@@ -335,8 +398,16 @@ class Manifest:
             raise DataError(f"{source}: 'bands' is {bands!r}, expected {list(BANDS)}")
         if shape != list(IMAGE_SHAPE):
             raise DataError(f"{source}: 'image_shape' is {shape!r}, expected {list(IMAGE_SHAPE)}")
+        columns = raw.get("columns", [])
+        if not isinstance(columns, list) or len(columns) > MAX_COLUMNS or len(set(map(str, columns))) != len(columns):
+            raise DataError(f"{source}: 'columns' must be a list of at most {MAX_COLUMNS} distinct column names")
+        for c in columns:
+            problem = column_name_problem(c)
+            if problem:
+                raise DataError(f"{source}: 'columns': {problem}")
         m = cls(partitions=entries, format_version=raw["format_version"], bands=list(bands), image_shape=list(shape),
-                has_redshift=bool(raw.get("has_redshift", True)), description=str(raw.get("description", "")))
+                has_redshift=bool(raw.get("has_redshift", True)), description=str(raw.get("description", "")),
+                columns=list(columns))
         for key in ("total_rows", "total_bytes"):
             if key not in raw:
                 continue

@@ -16,12 +16,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .. import storage
-from ..errors import DataError, OutOfMemoryError, StorageError
+from ..errors import CaiError, DataError, OutOfMemoryError, StorageError
 from .formats import (MANIFEST_NAME, PARTITION_SUFFIX, Partition, _check_header, decode_partition, header_length,
                       load_partition_file, name_problem, read_manifest)
 
 LEGACY_SUFFIX = ".pt"
 PARTITION_SUFFIXES = (PARTITION_SUFFIX, LEGACY_SUFFIX)
+#: Suffixes of the files ``cai data convert`` reads as FITS and as HDF5.
+FITS_SUFFIXES = (".fits", ".fit", ".fts", ".fits.gz", ".fit.gz")
+HDF5_SUFFIXES = (".h5", ".hdf5", ".he5")
 
 
 @dataclass(frozen=True)
@@ -154,16 +157,54 @@ def list_partitions(dataset_url: str) -> list[PartitionRef]:
     found = storage.list_files_with_info(dataset_url, suffixes=PARTITION_SUFFIXES)
     if not found:
         if storage.size(dataset_url) is not None:
-            raise DataError(f"{dataset_url}: not a dataset folder or partition file "
+            hint = convert_hint(dataset_url)
+            raise DataError(hint or f"{dataset_url}: not a dataset folder or partition file "
                             f"(expected {PARTITION_SUFFIX} or {LEGACY_SUFFIX})")
         if not storage.exists(dataset_url):
             raise DataError(f"{dataset_url}: dataset not found")
-        raise DataError(f"{dataset_url}: empty dataset (no manifest.json and no {PARTITION_SUFFIX} or "
-                        f"{LEGACY_SUFFIX} files)")
+        raise DataError(convert_hint(dataset_url) or f"{dataset_url}: empty dataset (no manifest.json and no "
+                        f"{PARTITION_SUFFIX} or {LEGACY_SUFFIX} files)")
     refs = [PartitionRef(storage.basename(u), u, None, size, fingerprint=mark) for u, size, mark in found]
     for ref in refs:
         check_listed_name(ref.name, dataset_url)
     return refs
+
+
+def convert_hint(url: str) -> str:
+    """A one-line message naming the ``cai data convert`` command to run when ``url`` is a file or folder that
+    can be converted into a dataset but is not one; "" when it does not look convertible."""
+    bulk = HDF5_SUFFIXES + FITS_SUFFIXES + (".npz",)
+    then = "then run on DATASET"
+    if storage.size(url) is not None:
+        name = storage.basename(url).lower()
+        if name.endswith(bulk):
+            kind = next(s for s in sorted(bulk, key=len, reverse=True) if name.endswith(s))
+            return (f"{url}: a {kind} file, not a dataset; convert it first: cai data convert {url} --out DATASET, "
+                    f"{then}")
+        if name.endswith(".npy"):
+            return (f"{url}: a single .npy array, not a dataset; put images.npy and magnitudes.npy (optional "
+                    f"redshift.npy, object_id.npy) in a folder and convert it: cai data convert FOLDER --out DATASET")
+        return ""
+    try:
+        names = [storage.basename(u).lower() for u in storage.list_files(url)]
+    except CaiError:
+        return ""
+    npy = [n for n in names if n.endswith(".npy")]
+    fits = [n for n in names if n.endswith(FITS_SUFFIXES)]
+    other = [n for n in names if n.endswith(HDF5_SUFFIXES + (".npz",))]
+    if "images.npy" in npy:
+        return (f"{url}: a folder of .npy arrays, not a dataset; convert it first: cai data convert {url} --out "
+                f"DATASET, {then}")
+    if npy:
+        return (f"{url}: {len(npy)} .npy file(s), which look like per-galaxy cutouts, not a dataset; convert them "
+                f"with their catalogue first: cai data convert {url} --catalog CATALOG --out DATASET, {then}")
+    if fits:
+        return (f"{url}: {len(fits)} FITS file(s), not a dataset; convert them first: cai data convert {url} --out "
+                f"DATASET (FITS cubes with a table), or add --catalog CATALOG (one cutout per file), {then}")
+    if other:
+        return (f"{url}: {len(other)} HDF5/.npz file(s), not a dataset; convert them first: cai data convert {url} "
+                f"--out DATASET, {then}")
+    return ""
 
 
 def check_listed_name(name: str, folder: str) -> None:

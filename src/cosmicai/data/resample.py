@@ -72,6 +72,7 @@ class _Source:
         self._cache: OrderedDict[int, Partition] = OrderedDict()
         self._size = cache
         self.has_redshift = self._load(0).redshift is not None
+        self.columns = list(self._load(0).columns)
 
     def _load(self, i: int) -> Partition:
         cache = getattr(self, "_cache", None)
@@ -163,7 +164,7 @@ def resample(source: str, out: str, data_size: int, partition_size: int, mode: s
             pending = pending[per:]
     if len(pending):
         flush(pending)
-    write_manifest(out, Manifest(entries, has_redshift=src.has_redshift, description=f"resampled ({mode}, seed {seed}) from {source}: {rows} rows, "
+    write_manifest(out, Manifest(entries, has_redshift=src.has_redshift, columns=src.columns, description=f"resampled ({mode}, seed {seed}) from {source}: {rows} rows, "
                                  f"{distinct} distinct samples"))
     storage.write_json(info_url, asdict(info))
     return info

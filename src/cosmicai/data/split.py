@@ -34,6 +34,7 @@ from .convert import Chunk, Source, open_source
 from .formats import (MANIFEST_NAME, PARTITION_SUFFIX, Manifest, Partition, PartitionEntry, encode_partition,
                       read_manifest, sha256_hex, write_manifest)
 from .partition import PARTITION_SUFFIXES
+from .units import checked_chunks
 
 #: Bytes per sample as partition sizes count them. The original's partitions (5,113 rows per 100MB, 1,278 per
 #: 25MB, 2,556 per 50MB, with MB = 2**20) imply 20,505-20,508 bytes; we take 20,508 (see docs/data.md).
@@ -87,6 +88,18 @@ class WriteReport:
         return out
 
 
+@dataclass
+class Present:
+    """In a chunk stream: the next partition is already at the output, as a resumed write left it (``rows``
+    rows, ``bytes`` bytes, ``sha256``), so it is neither rendered nor written again."""
+
+    rows: int
+    bytes: int
+    sha256: str
+    columns: list[str] = field(default_factory=list)
+    has_redshift: bool = True
+
+
 def _bad_rows(part: Partition) -> np.ndarray:
     bad = part.nonfinite_rows()
     if part.redshift is not None:
@@ -94,14 +107,22 @@ def _bad_rows(part: Partition) -> np.ndarray:
     return bad
 
 
-def _rebatch(chunks: Iterable[Chunk], rows: int, drop_nonfinite: bool, report: WriteReport,
-             bar: object) -> Iterator[Partition]:
-    """Exactly ``rows``-row partitions (the last shorter) from the chunks, ids filled, bad rows handled."""
+def _rebatch(chunks: Iterable[Chunk | Present], rows: int, drop_nonfinite: bool, report: WriteReport,
+             bar: object) -> Iterator[Partition | Present]:
+    """Exactly ``rows``-row partitions (the last shorter) from the chunks, ids filled, bad rows handled; a
+    :class:`Present` marker (only ever between whole partitions) is passed through."""
     pending: list[Partition] = []
     have = 0
     next_id = 0  # the row's index in the whole source, used where the source has no object ids
     has_redshift: bool | None = None
     for chunk in chunks:
+        if isinstance(chunk, Present):
+            if have:
+                raise DataError("internal error: an already-written partition arrived in the middle of a partition")
+            next_id += chunk.rows
+            bar.update(chunk.rows)  # type: ignore[attr-defined]
+            yield chunk
+            continue
         part = chunk.part
         n = len(part)
         if not chunk.has_ids:
@@ -251,7 +272,7 @@ def _remove_dataset(out_url: str, old: Manifest | None, record: dict[str, Any] |
         storage.remove(storage.join(out_url, SOURCE_RECORD))
 
 
-def write_dataset(chunks: Iterable[Chunk], out_url: str, rows: int, drop_nonfinite: bool = False,
+def write_dataset(chunks: Iterable[Chunk | Present], out_url: str, rows: int, drop_nonfinite: bool = False,
                   progress: bool = False, total_rows: int | None = None, description: str = "",
                   identity: dict[str, Any] | None = None, replace: bool = False) -> WriteReport:
     """Write the chunks' rows as native partitions of ``rows`` rows, then ``manifest.json``.
@@ -270,11 +291,20 @@ def write_dataset(chunks: Iterable[Chunk], out_url: str, rows: int, drop_nonfini
     manifest_cleared = False
     first_row = 0
     has_redshift = True
+    columns: list[str] | None = None
     with tqdm(total=total_rows, unit="rows", disable=not progress, file=sys.stderr) as bar, \
             ThreadPoolExecutor(WRITE_THREADS) as pool:
         for index, part in enumerate(_rebatch(chunks, rows, drop_nonfinite, report, bar), start=1):
-            data = encode_partition(part)
             name = partition_name(index)
+            if isinstance(part, Present):
+                entries.append(PartitionEntry(name=name, rows=part.rows, bytes=part.bytes, sha256=part.sha256,
+                                              first_row=first_row))
+                first_row += part.rows
+                has_redshift = part.has_redshift
+                columns = list(part.columns) if columns is None else columns
+                report.skipped.append(name)
+                continue
+            data = encode_partition(part)
             if not manifest_cleared:
                 # The manifest is rewritten last; until then an old one must not describe changing files.
                 storage.remove(storage.join(out_url, MANIFEST_NAME))
@@ -285,6 +315,11 @@ def write_dataset(chunks: Iterable[Chunk], out_url: str, rows: int, drop_nonfini
             entries.append(PartitionEntry(name=name, rows=len(part), bytes=len(data), sha256=digest,
                                           first_row=first_row))
             has_redshift = part.redshift is not None
+            if columns is None:
+                columns = list(part.columns)
+            elif sorted(columns) != sorted(part.columns):
+                raise DataError(f"{out_url}: {name} would carry catalogue columns {list(part.columns)}, unlike "
+                                f"the partitions before it ({columns}); every partition must carry the same")
             first_row += len(part)
             futures.append((name, pool.submit(_write_one, storage.join(out_url, name), data, digest,
                                               previous.get(name))))
@@ -295,12 +330,61 @@ def write_dataset(chunks: Iterable[Chunk], out_url: str, rows: int, drop_nonfini
     if not entries:
         detail = f" ({report.dropped_rows} dropped as non-finite)" if report.dropped_rows else ""
         raise DataError(f"no rows to write to {out_url}: the source is empty{detail}")
-    report.manifest = Manifest(partitions=entries, has_redshift=has_redshift, description=description)
+    report.manifest = Manifest(partitions=entries, has_redshift=has_redshift, description=description,
+                               columns=columns or [])
     write_manifest(out_url, report.manifest)
     names = {e.name for e in entries}
     report.stale = [storage.basename(u) for u in storage.list_files(out_url, suffixes=PARTITION_SUFFIX)
                     if PARTITION_RE.match(storage.basename(u)) and storage.basename(u) not in names]
     return report
+
+
+def synth_dataset(galaxies: int, out: str, seed: int = 0, partition_size: str | int = "25MB",
+                  workers: int | None = None, progress: bool = False, replace: bool = False) -> WriteReport:
+    """Render ``galaxies`` synthetic galaxies (:mod:`.synth`) into a native dataset at ``out``.
+
+    A resumed write (same galaxies, seed and partition size) renders only the partitions that are not there
+    yet: a partition file already present is kept when it decodes with the expected rows and object ids (the
+    galaxies depend only on the seed and their ids)."""
+    from .synth import _check_int, _generate
+
+    galaxies = _check_int("galaxies", galaxies, 1)
+    seed = _check_int("seed", seed, 0)
+    workers = (os.cpu_count() or 1) if workers is None else _check_int("workers", workers, 1)
+    rows = rows_per_partition(partition_size)
+    identity = with_id({"source": "synth", "galaxies": galaxies, "seed": seed, "rows_per_partition": rows})
+    claim_output(out, identity, replace)  # refuses or clears a foreign dataset before anything is looked at
+    bounds = [(lo, min(galaxies, lo + rows)) for lo in range(0, galaxies, rows)]
+    record = _read_record(storage.join(out, SOURCE_RECORD))
+    present: dict[int, Present] = {}
+    if record and record.get("id") == identity["id"]:
+        for k, (lo, hi) in enumerate(bounds):
+            found = _present_partition(storage.join(out, partition_name(k + 1)), lo, hi)
+            if found is not None:
+                present[k] = found
+    rendered = _generate(galaxies, seed, rows, workers, 0, False, skip=frozenset(present))
+    chunks = (present[k] if part is None else Chunk("synth", 0, part, has_ids=True)
+              for k, part in enumerate(rendered))
+    return write_dataset(chunks, out, rows, progress=progress, total_rows=galaxies,
+                         description=f"synthetic galaxies, seed {seed}, partitions of {partition_size}",
+                         identity=identity, replace=replace)
+
+
+def _present_partition(url: str, first_id: int, stop_id: int) -> Present | None:
+    """A :class:`Present` for the partition at ``url`` when it is an intact native partition of object ids
+    ``first_id`` ... ``stop_id - 1``; None when absent or not so (then it is rendered and written again)."""
+    from .partition import read_partition
+
+    if storage.size(url) is None:
+        return None
+    try:
+        part = read_partition(url)
+        ok = (len(part) == stop_id - first_id and part.redshift is not None and not part.columns
+              and np.array_equal(part.object_id, np.arange(first_id, stop_id, dtype=np.int64)))
+        data = storage.read_bytes(url) if ok else b""
+    except (DataError, StorageError):
+        return None
+    return Present(len(part), len(data), sha256_hex(data)) if ok else None
 
 
 def _collect(item: tuple[str, Future], report: WriteReport) -> None:
@@ -335,7 +419,8 @@ def split(src: str, out: str, partition_size: str | int = "25MB", drop_nonfinite
                           f"choose another --out")
     source = open_source(src)
     identity = source_identity(src, source, rows, drop_nonfinite)
-    return write_dataset(source.chunks(), out, rows, drop_nonfinite=drop_nonfinite, progress=progress,
+    chunks = source.chunks() if source.kind == "native-dataset" else checked_chunks(source.chunks())
+    return write_dataset(chunks, out, rows, drop_nonfinite=drop_nonfinite, progress=progress,
                          total_rows=source.total_rows,
                          description=f"from {src} ({source.kind}), partitions of {partition_size}",
                          identity=identity, replace=replace)

@@ -254,14 +254,21 @@ def iter_synthesize(n: int, seed: int = 0, chunk: int = 10_000, workers: int | N
     return _generate(n, seed, chunk, workers, first_id, progress)
 
 
-def _generate(n: int, seed: int, chunk: int, workers: int, first_id: int, progress: bool) -> Iterator[Partition]:
+def _generate(n: int, seed: int, chunk: int, workers: int, first_id: int, progress: bool,
+              skip: frozenset[int] = frozenset()) -> Iterator[Partition | None]:
+    """The ``chunk``-row Partitions of ids ``first_id`` ... ``first_id + n - 1`` in order; for a chunk index in
+    ``skip`` (0-based) nothing is rendered and None is yielded in its place."""
     from tqdm import tqdm
 
     tab = tables()
     stop = first_id + n
     block = max(1, min(64, chunk, math.ceil(n / (4 * workers)) if n else 1))
-    tasks = [(seed, s, min(s + block, stop)) for s in range(first_id, stop, block)]
-    bar = tqdm(total=n, unit="galaxy", disable=not progress)
+    bounds = [(lo, min(stop, lo + chunk)) for lo in range(first_id, stop, chunk)]
+    per_chunk = [[] if c in skip else [(seed, s, min(s + block, hi)) for s in range(lo, hi, block)]
+                 for c, (lo, hi) in enumerate(bounds)]
+    tasks = [t for ts in per_chunk for t in ts]
+    bar = tqdm(total=n - sum(hi - lo for c, (lo, hi) in enumerate(bounds) if c in skip), unit="galaxy",
+               disable=not progress)
     pool = None
     try:
         if workers > 1 and len(tasks) > 1:
@@ -271,16 +278,14 @@ def _generate(n: int, seed: int, chunk: int, workers: int, first_id: int, progre
             results = _ordered(pool, tasks, window=4 * workers)
         else:
             results = (_render_range(t, tab) for t in tasks)
-        pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-        have, next_id = 0, first_id
-        for res in results:
-            pending.append(res)
-            have += len(res[2])
-            bar.update(len(res[2]))
-            while have >= chunk or (have and next_id + have == stop):
-                part, pending, have = _take(pending, min(chunk, have), next_id)
-                next_id += len(part)
-                yield part
+        for (lo, _hi), ts in zip(bounds, per_chunk):
+            if not ts:
+                yield None
+                continue
+            got = [next(results) for _ in ts]
+            bar.update(sum(len(g[2]) for g in got))
+            part, _, _ = _take(got, sum(len(g[2]) for g in got), lo)
+            yield part
     finally:
         bar.close()
         if pool is not None:

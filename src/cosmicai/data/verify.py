@@ -27,7 +27,7 @@ def dataset_info(url: str) -> dict[str, Any]:
         info.update(rows=manifest.total_rows, rows_per_partition_min=min(rows), rows_per_partition_max=max(rows),
                     has_redshift=manifest.has_redshift, format_version=manifest.format_version,
                     bands="".join(manifest.bands), image_shape=manifest.image_shape,
-                    description=manifest.description)
+                    description=manifest.description, columns=list(manifest.columns))
     else:
         info.update(rows=None, has_redshift=None,
                     formats=sorted({r.name.rsplit(".", 1)[-1] for r in refs}))
@@ -59,9 +59,10 @@ class VerifyReport:
         return not self.problems
 
 
-def _check(ref: PartitionRef) -> tuple[int, str | None, np.ndarray | None]:
+def _check(ref: PartitionRef, columns: list[str] | None = None) -> tuple[int, str | None, np.ndarray | None]:
     """Rows in the partition, the problem found (None if intact) and a copy of its object ids (None for
-    legacy ``.pt`` partitions, whose ids are row indices, and for partitions that do not decode)."""
+    legacy ``.pt`` partitions, whose ids are row indices, and for partitions that do not decode). ``columns``:
+    the catalogue columns the manifest says every partition carries."""
     try:
         data = read_partition_bytes(ref.url, ref.bytes, "the manifest" if ref.sha256 else "the listing")
     except DataError as exc:  # not a partition: said by its header, before its body was read
@@ -81,6 +82,8 @@ def _check(ref: PartitionRef) -> tuple[int, str | None, np.ndarray | None]:
     ids = np.array(part.object_id) if ref.name.endswith(PARTITION_SUFFIX) else None  # a copy: frees ``data``
     if ref.rows is not None and len(part) != ref.rows:
         return len(part), f"{len(part)} rows, the manifest says {ref.rows}", ids
+    if columns is not None and sorted(part.columns) != sorted(columns):
+        return len(part), (f"carries catalogue columns {list(part.columns)}, the manifest says {columns}"), ids
     if part.redshift is not None:
         bad = np.flatnonzero(~np.isfinite(part.redshift))
         if bad.size:
@@ -146,12 +149,14 @@ def verify_dataset(url: str, progress: bool = False) -> VerifyReport:
     """
     from tqdm import tqdm
 
-    report = VerifyReport(url, has_manifest=read_manifest(url) is not None)
+    manifest = read_manifest(url)
+    report = VerifyReport(url, has_manifest=manifest is not None)
+    columns = list(manifest.columns) if manifest is not None else None
     refs = list_partitions(url)
     ids: list[np.ndarray | None] = []
     with ThreadPoolExecutor(VERIFY_THREADS) as pool, \
             tqdm(total=len(refs), unit="partition", disable=not progress) as bar:
-        for ref, (rows, problem, part_ids) in zip(refs, pool.map(_check, refs)):
+        for ref, (rows, problem, part_ids) in zip(refs, pool.map(lambda r: _check(r, columns), refs)):
             report.checked += 1
             report.rows += rows
             ids.append(part_ids)

@@ -118,11 +118,12 @@ def plan_hash(config: dict[str, Any], partitions: list[dict[str, Any]]) -> str:
 
 
 def _partition_dicts(config: RunConfig) -> list[dict[str, Any]]:
-    from ..data.partition import list_partitions
+    from ..data.partition import convert_hint, list_partitions
 
     refs = list_partitions(config.data)
     if not refs:
-        raise DataError(f"{config.data}: no partitions found (expected *.safetensors or *.pt files or a manifest.json)")
+        raise DataError(convert_hint(config.data) or f"{config.data}: no partitions found (expected *.safetensors or "
+                        f"*.pt files or a manifest.json)")
     parts = [{"name": r.name, "url": r.url, "rows": getattr(r, "rows", None), "bytes": getattr(r, "bytes", None),
               "sha256": getattr(r, "sha256", None)} for r in refs]
     if config.file_limit is not None:
