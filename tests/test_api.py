@@ -45,7 +45,7 @@ def test_readme_notebook_example_runs_as_written(tiny_dataset, tmp_path):
     # the run is named by its canonical (absolute) result path, whatever spelling it was started with
     assert lines[0].startswith(f"RunResult('{tmp_path.resolve() / 'results'}', complete=True, rows=48, ranks=")
     assert re.fullmatch(r"R2 -?\d+\.\d{3}, bias [+-]\d\.\d{4}, failures \[\]", lines[1])
-    assert lines[2] == "48 ['object_id', 'partition', 'row', 'z_pred', 'z_true', 'flag']"
+    assert lines[2] == "48 ['object_id', 'partition', 'row', 'z_pred', 'z_true', 'flag', 'outside_training_range']"
     assert re.fullmatch(r"\[\s*-?\d\.\d+\s+-?\d\.\d+\s*\]", lines[3])
     print("\n".join(lines))
 

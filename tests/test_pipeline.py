@@ -42,7 +42,10 @@ def test_end_to_end_rows_metrics_and_records(tiny_dataset, tmp_path):
     assert comp["ranks_done"] == 3 and comp["partitions_done"] == 4 and comp["missing_ranks"] == []
 
     table = pq.read_table(os.path.join(result, "predictions.parquet"))
-    assert table.column_names == ["object_id", "partition", "row", "z_pred", "z_true", "flag"]
+    assert table.column_names == ["object_id", "partition", "row", "z_pred", "z_true", "flag",
+                                  "outside_training_range"]
+    assert not any(table.column("outside_training_range").to_pylist())  # random weights: no training range
+    assert summary["outside_training_range"]["known"] is False and summary["catalog_columns"] == []
     assert table.column("object_id").to_pylist() == list(range(48))
     assert table.column("row").to_pylist() == list(range(12)) * 4
     assert not any(table.column("flag").to_pylist())
@@ -102,9 +105,15 @@ def test_failed_rank_is_named_and_rerun_does_only_it(tiny_dataset, tmp_path):
     with pytest.raises(IncompleteRunError) as err:
         run(_config(data, result), progress=False)
     assert "rank 2 failed (DataError:" in str(err.value) and "sha256" in str(err.value)
+    # a damaged partition is not fixed by a rerun: the message says to restore the file first
+    assert str(err.value).endswith("restore the changed or damaged partition(s) ['part-000003.safetensors'] from "
+                                   "the dataset's source first (a rerun alone fails the same way), then rerun "
+                                   "`cai run` with the same config to resume the missing ranks")
+    assert "\n" not in str(err.value) and "restore part-000003.safetensors" in str(err.value)
     error = json.loads(open(os.path.join(result, "errors", "2.json")).read())
     assert error["rank"] == 2 and error["partitions"] == ["part-000003.safetensors"]
     assert error["error_type"] == "DataError" and "Traceback" in error["traceback"]
+    assert error["remedy"] == "restore" and error["damaged_partition"] == "part-000003.safetensors"
     summary = run(_config(data, result, allow_failures=True), progress=False)
     assert summary["completeness"]["failed_ranks"] == [2] and summary["completeness"]["rows_out"] == 36
     before = _records(result)

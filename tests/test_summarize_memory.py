@@ -28,7 +28,7 @@ from cosmicai.pipeline.metrics import MetricsAccumulator, redshift_metrics
 from cosmicai.pipeline.plan import make_plan
 from cosmicai.pipeline.summarize import IncompleteRunError, summarize
 
-COLUMNS = ["object_id", "partition", "row", "z_pred", "z_true", "flag"]
+COLUMNS = ["object_id", "partition", "row", "z_pred", "z_true", "flag", "outside_training_range"]
 ZERO_IMAGE = np.zeros((1, 5, 32, 32), dtype=np.float32)
 
 

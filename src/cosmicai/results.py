@@ -8,7 +8,9 @@ A run's result folder::
     lease.json                              held while a run is going (pipeline/lease.py)
     ranks/<rank>.json                       one RankRecord per rank, written last (it marks the rank done)
     predictions/<rank>.parquet              the rank's predictions (PREDICTION_COLUMNS; ``flag``: do not trust
-                                            the row: non-finite or out-of-range inputs, or an overflow)
+                                            the row: non-finite or out-of-range inputs, or an overflow;
+                                            ``outside_training_range``: z_pred outside the redshift range the
+                                            weights were trained on), then the dataset's catalogue columns
     errors/<rank>.json                      why a rank failed (ErrorReport)
     run.json                                the driver's stage timings
     combined_data.json                      every RankRecord, the original CAI's keys first
@@ -47,8 +49,11 @@ ERRORS_DIR = "errors"
 RESULT_FILES = (PLAN_NAME, PLAN_HASH_NAME, TASK_DIGESTS_NAME, TASKS_NAME, RUN_NAME, COMBINED_NAME, PREDICTIONS_NAME, SUMMARY_NAME)
 RESULT_DIRS = (RANKS_DIR, PREDICTIONS_DIR, ERRORS_DIR)
 
-#: Columns of the predictions files, in this order (z_true only when the data has redshifts).
-PREDICTION_COLUMNS = ("object_id", "partition", "row", "z_pred", "z_true", "flag")
+#: Columns of the predictions files, in this order (z_true only when the data has redshifts); the catalogue
+#: columns a dataset carries (ra, dec, survey ids...) follow them. ``flag`` rows (untrusted inputs) are not scored;
+#: ``outside_training_range`` rows (the model extrapolating; always False when the weights state no training
+#: range) are scored like any other.
+PREDICTION_COLUMNS = ("object_id", "partition", "row", "z_pred", "z_true", "flag", "outside_training_range")
 
 # Rows whose inputs fall outside the two bounds below are flagged (``flag``), still predicted, not scored, and
 # counted (``RankRecord.out_of_range``, ``Summary.out_of_range``).
@@ -100,11 +105,13 @@ class RankRecord(_OriginalRecord):
     nonfinite_predictions: dict[str, int]
     out_of_range_rows: int
     out_of_range: dict[str, Any]
+    outside_training_range: dict[str, Any]  # {"rows", "by_partition", "range": [z_min, z_max] or None}
     phases: dict[str, float]
     peak_rss_mb: float
     cold_start: bool
     cpu: dict[str, Any]
     model: str
+    weights: dict[str, Any] | None  # registry.weights_card: file, sha256, origin, trained_on, caveat, training_range
     mode: str
     mode_used: str
     fast_check: dict[str, Any] | None
@@ -162,6 +169,9 @@ class Summary(TypedDict, total=False):
     failures: list[dict[str, Any]]
     nonfinite_predictions: dict[str, Any]
     out_of_range: dict[str, Any]
+    weights: dict[str, Any]  # the weights used (as RankRecord.weights; from the plan when no rank finished)
+    outside_training_range: dict[str, Any]  # {"rows", "n_partitions", "partitions", "by_partition", "range", "known"}
+    catalog_columns: list[str]
     duplicate_ids: dict[str, Any]
     metrics: dict[str, Any] | None
 

@@ -3,7 +3,8 @@
 Names:
 
 * ``astromae-demo`` — the shipped demo weights (``weights/astromae-demo.safetensors``, trained on synthetic
-  galaxies; NOT the paper's SDSS weights), loaded in fp32.
+  galaxies; NOT the paper's SDSS weights), loaded in fp32. Their card ``weights/astromae-demo.json`` says what
+  they were trained on and the redshift range of their training labels.
 * ``astromae`` — AstroMAE with your weights: ``weights=`` a URL (any storage URL) of a safetensors file
   (``cai model import-cai`` makes one from the original checkpoint), a plain ``.pt`` state dict, or the
   original pickled checkpoint (read with the restricted unpickler).
@@ -11,12 +12,17 @@ Names:
 * ``package.module:factory`` or a name registered in the ``cosmicai.models`` entry-point group: the factory is
   called as ``factory(weights=..., device=..., mode=..., threads=...)`` and returns an object with
   ``predict(images, magnitudes, batch_size)`` or an ``nn.Module`` taking ``(images, magnitudes)``.
+
+Every loaded predictor carries ``card`` (:func:`weights_card`: which weights, what they were trained on, any
+caveat) and ``training_range`` (``(z_min, z_max)`` of the training labels, or None when the weights do not say).
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib
+import json
+import math
 import os
 import sys
 import warnings
@@ -27,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..config import MODES
+from ..errors import CaiError
 from ..errors import ModelError
 from .engines import BUILTIN, compile_requested, requested_engine, resolve_engine
 from .weights_io import NORM_KEY, InputNorm, as_numpy_f32, file_kind, load_safetensors, refuse_kind
@@ -68,6 +75,8 @@ class Predictor:
         self.n_params = count_params(module)
         self.last_flagged = np.zeros(0, dtype=np.int64)
         self.weights_sha256: str | None = None  # of the weights file read, when there was one
+        self.card: dict[str, Any] = builtin_card(name)
+        self.training_range: tuple[float, float] | None = None
         self._torch_device = torch.device(device)
         self.engine, self._run = prepare(module, mode, self._torch_device, compile=compile, engine=engine,
                                          threads=threads or torch.get_num_threads())
@@ -92,6 +101,8 @@ class Predictor:
         self.n_params = shipped_template().n_params
         self.last_flagged = np.zeros(0, dtype=np.int64)
         self.weights_sha256 = None
+        self.card = builtin_card(name)
+        self.training_range = None
         self._torch_device = None
         self._feed = None
         self._run = runner_for_weights(raw, norm, mode, threads, source)
@@ -186,6 +197,9 @@ class _ExternalPredictor(Predictor):
         self.name, self.device, self.mode, self._obj = name, device, mode, obj
         self.engine = "plugin"
         self.n_params = int(getattr(obj, "n_params", 0))
+        self.weights_sha256 = None
+        self.training_range = parse_training_range(getattr(obj, "training_range", None), f"model '{name}'")
+        self.card = {**builtin_card(name), "training_range": _range_json(self.training_range)}
         self.last_flagged = np.zeros(0, dtype=np.int64)
 
     def predict(self, images: np.ndarray, magnitudes: np.ndarray, batch_size: int = 512) -> np.ndarray:
@@ -374,6 +388,8 @@ def load_model(name: str = DEMO_NAME, weights: str | None = None, device: str = 
             _torch(f"engine 'torch' (device {device}, compile={bool(compile)})")
             pred = Predictor(name, astromae_from_weights(data, weights), device, mode, compile, "torch", threads)
         pred.weights_sha256 = now
+        pred.card = weights_card(name, weights, data, now)
+        pred.training_range = parse_training_range(pred.card.get("training_range"), weights)
         return pred
     _torch(f"model '{name}'")
     return _load_plugin(name, weights, device, mode, threads)
@@ -395,7 +411,10 @@ def _load_plugin(name: str, weights: str | None, device: str, mode: str, threads
     if isinstance(obj, Predictor):
         return obj
     if isinstance(obj, nn.Module):
-        return Predictor(name, obj, device, mode)
+        pred = Predictor(name, obj, device, mode)
+        pred.training_range = parse_training_range(getattr(obj, "training_range", None), f"model '{name}'")
+        pred.card["training_range"] = _range_json(pred.training_range)
+        return pred
     if callable(getattr(obj, "predict", None)):
         return _ExternalPredictor(name, obj, device, mode)
     raise ModelError(f"model factory '{name}' returned {type(obj).__name__}, which has no predict() and is not "
@@ -420,3 +439,84 @@ def _find_factory(name: str) -> Callable[..., Any]:
             return ep.load()
     known = list(BUILTIN) + sorted(ep.name for ep in entry_points(group=ENTRY_POINT_GROUP))
     raise ModelError(f"model '{name}' is not known; choose one of {', '.join(known)} or give 'package.module:factory'")
+
+
+#: Keys of a weights card (:func:`weights_card`) read from the weights' safetensors metadata or their JSON card.
+CARD_KEYS = ("trained_on", "caveat", "training_range")
+
+
+def builtin_card(name: str) -> dict[str, Any]:
+    """The card of a model without a weights file (``astromae-random``, a plug-in that brings its own)."""
+    card: dict[str, Any] = {"model": name, "file": "built-in", "url": None, "sha256": None, "origin": "built-in",
+                            "trained_on": None, "caveat": None, "training_range": None}
+    if name == "astromae-random":
+        card.update(origin="seeded random initialisation", trained_on="nothing (untrained)",
+                    caveat="random weights for tests and benchmarks: the predictions are meaningless")
+    return card
+
+
+def weights_card(name: str, url: str, data: bytes, sha256: str) -> dict[str, Any]:
+    """What a run says about the weights it used: ``{"model", "file", "url", "sha256", "origin", "trained_on",
+    "caveat", "training_range"}``.
+
+    ``trained_on``, ``caveat`` and ``training_range`` come from the file's safetensors metadata, else from its
+    JSON card beside it (``<stem>.json``, used only when its ``sha256`` is that of ``data``); ``origin`` says
+    whether these are the shipped demo weights, weights imported from the authors' checkpoint (named) or other
+    weights."""
+    from .. import storage
+    from .weights_io import read_safetensors_metadata
+
+    meta: dict[str, Any] = {}
+    if file_kind(data) == "safetensors":
+        with contextlib.suppress(ModelError):
+            meta = read_safetensors_metadata(data, url)
+    side = _side_card(url, sha256)
+    info = {k: meta.get(k) if meta.get(k) not in (None, "") else side.get(k) for k in CARD_KEYS}
+    if isinstance(info["training_range"], str):
+        with contextlib.suppress(ValueError):
+            info["training_range"] = json.loads(info["training_range"])
+    demo = name == DEMO_NAME or os.path.abspath(url) == os.path.abspath(demo_weights_path())
+    if demo:
+        origin = "the demo weights shipped with cosmicai"
+    elif meta.get("imported_from"):
+        origin = f"imported from the authors' checkpoint {storage.basename(str(meta['imported_from']))}"
+    else:
+        origin = "weights from " + url
+    return {"model": name, "file": storage.basename(url), "url": url, "sha256": sha256, "origin": origin, **info,
+            "training_range": _range_json(parse_training_range(info["training_range"], url))}
+
+
+def _side_card(url: str, sha256: str) -> dict[str, Any]:
+    """The JSON card ``<stem>.json`` beside weights ``url`` when it exists and names these weights' sha256."""
+    from .. import storage
+
+    stem, ext = os.path.splitext(url)
+    card_url = stem + ".json"
+    if ext != ".safetensors":
+        return {}
+    try:
+        if not storage.exists(card_url):
+            return {}
+        card = json.loads(storage.read_bytes(card_url))
+    except (CaiError, ValueError, OSError):
+        return {}
+    return card if isinstance(card, dict) and card.get("sha256") == sha256 else {}
+
+
+def parse_training_range(value: Any, source: str) -> tuple[float, float] | None:
+    """``(z_min, z_max)`` from ``{"z_min": a, "z_max": b}`` or ``[a, b]`` (None stays None); anything else, or
+    a range that is not finite and increasing, is a ModelError naming ``source``."""
+    if value is None:
+        return None
+    try:
+        lo, hi = (value["z_min"], value["z_max"]) if isinstance(value, dict) else value
+        lo, hi = float(lo), float(hi)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelError(f"{source}: training_range {value!r} is not {{'z_min': a, 'z_max': b}} or [a, b]") from exc
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+        raise ModelError(f"{source}: training_range {value!r} must be finite with z_min < z_max")
+    return lo, hi
+
+
+def _range_json(rng: tuple[float, float] | None) -> dict[str, float] | None:
+    return None if rng is None else {"z_min": rng[0], "z_max": rng[1]}

@@ -8,6 +8,9 @@ is complete. On failure ``errors/<rank>.json`` is written and the exception re-r
 Rows whose inputs cannot be trusted are still predicted (rows in == rows out) but flagged (the ``flag``
 column): non-finite inputs (with ``drop_nonfinite``; their prediction is NaN), predictions that overflowed, and
 inputs out of range (:data:`MAGNITUDE_RANGE`, :data:`PIXEL_LIMIT`; their prediction is kept, not scored).
+Predictions outside the redshift range the weights were trained on are marked in ``outside_training_range``
+and counted; they are kept and scored (leaving them out would hide the model's own failures). Catalogue columns
+a partition carries (``Partition.columns``) follow the standard columns, unchanged.
 """
 
 from __future__ import annotations
@@ -30,8 +33,8 @@ from .. import storage
 from ..data.formats import INPUT_BITS_PER_SAMPLE, Partition, sha256_hex
 from ..errors import CaiError, ConfigError, DataError, OutOfMemoryError
 from .plan import Plan, check_task_digest, current_plan_hash, load_plan
-from ..results import (MAGNITUDE_RANGE, ORIGINAL_KEYS, PHASES, PIXEL_LIMIT, error_url, predictions_url,
-                       record_url)
+from ..results import (MAGNITUDE_RANGE, ORIGINAL_KEYS, PHASES, PIXEL_LIMIT, PREDICTION_COLUMNS, error_url,
+                       predictions_url, record_url)
 
 _MODELS: dict[tuple, Any] = {}
 _WORKER_THREADS: int | None = None
@@ -176,6 +179,26 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+class DamagedPartitionError(DataError):
+    """A partition is not the file the plan was made from (changed, truncated or corrupt): only restoring it
+    lets a rerun resume. Reported as a DataError; its error report carries ``"remedy": "restore"``."""
+
+    remedy = "restore"
+
+    def __init__(self, message: str, partition: str) -> None:
+        super().__init__(message)
+        self.partition = partition
+
+    def __reduce__(self) -> tuple:  # crosses process boundaries (pools, Dask) with its partition
+        return type(self), (str(self), self.partition)
+
+
+def _restore_hint(part: dict[str, Any]) -> str:
+    digest = f" (sha256 {part['sha256'][:12]}...)" if part.get("sha256") else ""
+    return (f"restore {part['name']} from the dataset's source as it was when the run was planned{digest}, then "
+            "rerun `cai run` with the same config to resume (a rerun alone fails the same way)")
+
+
 def _fetch(part: dict[str, Any], allow_nonfinite: bool) -> tuple[Partition, float, float]:
     """Read, verify and decode one partition: (partition, fetch seconds, decode seconds)."""
     from ..data.partition import decode, read_partition_bytes
@@ -187,16 +210,19 @@ def _fetch(part: dict[str, Any], allow_nonfinite: bool) -> tuple[Partition, floa
         raise _out_of_memory("reading", f"partition {part['name']}", part.get("rows"), part.get("bytes"), exc) from exc
     t1 = time.perf_counter()
     if part.get("bytes") is not None and len(data) != part["bytes"]:
-        raise DataError(f"{part['url']}: size is {len(data)} bytes but the plan lists {part['bytes']} "
-                        f"(partition changed or truncated since planning)")
+        raise DamagedPartitionError(f"{part['url']}: size is {len(data)} bytes but the plan lists {part['bytes']} "
+                                    f"(partition changed or truncated since planning); {_restore_hint(part)}",
+                                    part["name"])
     if part.get("sha256") and sha256_hex(data) != part["sha256"]:
-        raise DataError(f"{part['url']}: sha256 does not match the manifest (corrupt or changed partition)")
+        raise DamagedPartitionError(f"{part['url']}: sha256 does not match the manifest (corrupt or changed "
+                                    f"partition); {_restore_hint(part)}", part["name"])
     try:
         decoded = decode(data, part["name"], allow_nonfinite=allow_nonfinite)
     except MemoryError as exc:
         raise _out_of_memory("decoding", f"partition {part['name']}", part.get("rows"), len(data), exc) from exc
     if part.get("rows") is not None and len(decoded) != part["rows"]:
-        raise DataError(f"{part['url']}: holds {len(decoded)} rows but the manifest lists {part['rows']}")
+        raise DamagedPartitionError(f"{part['url']}: holds {len(decoded)} rows but the manifest lists "
+                                    f"{part['rows']}; {_restore_hint(part)}", part["name"])
     return decoded, t1 - t0, time.perf_counter() - t1
 
 
@@ -311,10 +337,14 @@ def run_task(result_url: str, rank: int, plan_hash: str | None = None, task: dic
 
 def _write_error(plan: Plan, rank: int, parts: list[dict], exc: BaseException, started: str) -> None:
     tail = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))[-4000:]
-    info = {"rank": rank, "partitions": [p["name"] for p in parts], "error_type": type(exc).__name__,
+    # A damaged partition is reported as the DataError it is; ``remedy`` tells summarize to say "restore".
+    error_type = "DataError" if isinstance(exc, DamagedPartitionError) else type(exc).__name__
+    info = {"rank": rank, "partitions": [p["name"] for p in parts], "error_type": error_type,
             "message": str(exc) or repr(exc), "traceback": tail, "plan_hash": plan.plan_hash,
             "host": socket.gethostname(),
             "pid": os.getpid(), "started_at": started, "failed_at": _now()}
+    if isinstance(exc, DamagedPartitionError):
+        info.update(remedy=exc.remedy, damaged_partition=exc.partition)
     try:
         storage.write_json(error_url(plan.result_url, rank), info)
     except CaiError:
@@ -345,9 +375,14 @@ def record_failure(plan: Plan, rank: int, error_type: str, message: str, recorde
 class _RankOutput:
     """What a rank has predicted so far: one column chunk per partition, and the per-partition counts."""
 
-    def __init__(self) -> None:
+    def __init__(self, training_range: tuple[float, float] | None = None) -> None:
         self.columns: dict[str, list[np.ndarray]] = {k: [] for k in ("object_id", "partition", "row", "z_pred",
-                                                                      "z_true", "flag")}
+                                                                      "z_true", "flag", "outside_training_range")}
+        self.training_range = training_range
+        self.outside: dict[str, Any] = {"rows": 0, "by_partition": {},
+                                        "range": list(training_range) if training_range else None}
+        self.catalog: dict[str, list[np.ndarray]] | None = None  # name -> chunks, in the first partition's order
+        self._catalog_source = ""
         self.rows_per_part: dict[str, int] = {}
         self.bad_predictions: dict[str, int] = {}
         self.nonfinite_rows = 0
@@ -363,6 +398,7 @@ class _RankOutput:
         z = np.asarray(z, dtype=np.float32)
         if z.shape != (n,):
             raise DataError(f"{name}: the model returned shape {z.shape} for {n} rows")
+        self._check_catalog(name, data.columns)
         flag = data.nonfinite_rows() if allow_nonfinite else np.zeros(n, dtype=bool)
         z = np.where(flag, np.float32(np.nan), z)
         # Finite but extreme inputs (a pixel of 1e19, magnitudes of 3e38) can overflow the network: such rows
@@ -391,17 +427,50 @@ class _RankOutput:
         cols["row"].append(np.arange(n, dtype=np.int32))
         cols["z_pred"].append(z)
         cols["flag"].append(flag)
+        cols["outside_training_range"].append(self._outside(name, z))
+        for key, values in data.columns.items():
+            self.catalog[key].append(np.asarray(values))
         if data.redshift is None:
             self.has_z = False
         else:
             cols["z_true"].append(np.asarray(data.redshift, dtype=np.float32))
+
+    def _outside(self, name: str, z: np.ndarray) -> np.ndarray:
+        """Rows whose (finite) prediction is outside the weights' training range; counted per partition."""
+        if self.training_range is None:
+            return np.zeros(z.shape, dtype=bool)
+        lo, hi = self.training_range
+        with np.errstate(invalid="ignore"):
+            outside = (z < lo) | (z > hi)
+        count = int(np.count_nonzero(outside))
+        if count:
+            self.outside["rows"] += count
+            self.outside["by_partition"][name] = count
+        return outside
+
+    def _check_catalog(self, name: str, columns: dict[str, np.ndarray]) -> None:
+        """Every partition of the rank must carry the same catalogue columns (names, order, dtypes), none named
+        like a prediction column."""
+        shape = [(k, np.asarray(v).dtype.str) for k, v in columns.items()]
+        if self.catalog is None:
+            clash = sorted(set(columns) & set(PREDICTION_COLUMNS))
+            if clash:
+                raise DataError(f"{name}: catalogue column(s) {clash} have the names of prediction columns; "
+                                "rename them when converting the data (cai data convert)")
+            self.catalog = {k: [] for k in columns}
+            self._catalog_shape, self._catalog_source = shape, name
+        elif shape != self._catalog_shape:
+            raise DataError(f"{name}: catalogue columns {_describe(shape)} differ from {self._catalog_source}'s "
+                            f"{_describe(self._catalog_shape)}; every partition of a dataset must carry the same "
+                            "columns (convert the data again with one catalogue)")
 
     @property
     def rows(self) -> int:
         return sum(self.rows_per_part.values())
 
     def parquet(self) -> bytes:
-        """The rank's predictions file (object_id, partition, row, z_pred, [z_true], flag)."""
+        """The rank's predictions file (object_id, partition, row, z_pred, [z_true], flag, outside_training_range,
+        then the catalogue columns)."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
@@ -414,6 +483,9 @@ class _RankOutput:
         if self.has_z:
             table["z_true"] = pa.array(np.concatenate(cols["z_true"]), pa.float32())
         table["flag"] = pa.array(np.concatenate(cols["flag"]), pa.bool_())
+        table["outside_training_range"] = pa.array(np.concatenate(cols["outside_training_range"]), pa.bool_())
+        for key, chunks in (self.catalog or {}).items():
+            table[key] = pa.array(np.concatenate(chunks))  # the partition's own dtype (uint64 ids stay exact)
         sink = pa.BufferOutputStream()
         pq.write_table(pa.table(table), sink)
         return sink.getvalue().to_pybytes()
@@ -425,11 +497,12 @@ def _predict_partitions(cfg: dict[str, Any], prefetch: bool, parts: list[dict[st
     once, predict; returns ``(output, predictor, cold, fast_check)`` and adds to ``phases``."""
     batch_size = int(cfg["batch_size"])
     allow_nonfinite = bool(cfg.get("drop_nonfinite"))
-    out = _RankOutput()
+    out: _RankOutput | None = None
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"cai-fetch-{rank}")
     try:
         pending: Future = pool.submit(_fetch_checked, parts[0], allow_nonfinite)
         predictor, cold, load_s = _model_for(cfg, cfg["mode"])
+        out = _RankOutput(getattr(predictor, "training_range", None))
         fast_check = None
         phases["model_load"] = load_s
         for i, part in enumerate(parts):
@@ -507,12 +580,14 @@ def _rank_record(plan: Plan, rank: int, parts: list[dict[str, Any]], out: _RankO
         "nonfinite_predictions": out.bad_predictions,
         "out_of_range_rows": out.out_of_range["rows"],
         "out_of_range": out.out_of_range,
+        "outside_training_range": out.outside,
         "phases": phases,
         "peak_rss_mb": _peak_rss_mb(),
         "cold_start": cold,
         "cpu": {"host": socket.gethostname(), "pid": os.getpid(), "cpu_model": _cpu_model(),
                 "cores": os.cpu_count(), "threads": _threads_in_use(predictor)},
         "model": cfg["model"],
+        "weights": getattr(predictor, "card", None),
         "mode": cfg["mode"],
         "mode_used": fast_check["mode_used"] if fast_check else cfg["mode"],
         "fast_check": fast_check,
@@ -524,3 +599,7 @@ def _rank_record(plan: Plan, rank: int, parts: list[dict[str, Any]], out: _RankO
     }
     assert list(record)[:len(ORIGINAL_KEYS)] == list(ORIGINAL_KEYS)
     return record
+
+
+def _describe(shape: list[tuple[str, str]]) -> str:
+    return "[" + ", ".join(f"{k} {np.dtype(t).name}" for k, t in shape) + "]" if shape else "[] (none)"

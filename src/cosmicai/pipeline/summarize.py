@@ -39,6 +39,14 @@ class IncompleteRunError(CaiError):
     """Some ranks are missing or failed, or rows in != rows out."""
 
 
+class CatalogMismatchError(DataError):
+    """Two ranks' predictions carry different catalogue columns (names, order or types)."""
+
+
+def _field_list(fields: list[Any]) -> str:
+    return "[" + ", ".join(f"{f.name} {f.type}" for f in fields) + "]"
+
+
 def _read_records(plan: Plan, folder: str, reader: "_ObjectReader | None" = None) -> dict[int, dict[str, Any]]:
     reader = reader or _ObjectReader(plan.result_url)
     out = {}
@@ -159,13 +167,17 @@ def _summary(result_url: str, plan: Plan, records: dict[int, dict[str, Any]], er
             "failed_ranks": failed, "partitions_planned": len(plan.partitions), "partitions_done": len(part_done),
             "rows_planned": plan.total_rows, "rows_in": gathered.rows_in, "rows_out": rows_out,
             "problems": problems},
-        "failures": [{k: errors[r].get(k) for k in ("rank", "partitions", "error_type", "message")}
+        "failures": [{k: errors[r].get(k) for k in ("rank", "partitions", "error_type", "message", "remedy",
+                                                     "damaged_partition")}
                      for r in failed],
     }
     summary.update(_timing(plan, records, rows_out))
     summary.update(_modes_used(plan, records))
     summary["nonfinite_predictions"] = gathered.nonfinite_summary()
     summary["out_of_range"] = out_of_range_summary(records)
+    summary["weights"] = weights_summary(plan, records)
+    summary["outside_training_range"] = outside_training_range_summary(records, summary["weights"])
+    summary["catalog_columns"] = [f.name for f in gathered.catalog_fields or []]
     summary["duplicate_ids"] = gathered.ids.result()  # before the metrics: their dz array is freed after
     summary["metrics"] = gathered.metrics.result() if gathered.metrics is not None else None
     return summary
@@ -189,6 +201,40 @@ def out_of_range_summary(records: dict[int, dict[str, Any]]) -> dict[str, Any]:
     return {**totals, "n_partitions": len(parts), "partitions": named,
             "by_partition": {name: parts[name] for name in named},
             "magnitude_range": list(MAGNITUDE_RANGE), "pixel_limit": PIXEL_LIMIT}
+
+
+def weights_summary(plan: Plan, records: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """The weights the run used, as the ranks recorded them (``registry.weights_card``); when no rank finished,
+    what the plan says (model, file, sha256), the rest unknown."""
+    for rank in sorted(records):
+        card = records[rank].get("weights")
+        if isinstance(card, dict):
+            return card
+    cfg = plan.config
+    url = cfg.get("weights")
+    return {"model": cfg.get("model"), "file": storage.basename(url) if url else None, "url": url,
+            "sha256": cfg.get("weights_sha256"), "origin": None, "trained_on": None, "caveat": None,
+            "training_range": None}
+
+
+def outside_training_range_summary(records: dict[int, dict[str, Any]], weights: dict[str, Any]) -> dict[str, Any]:
+    """Rows predicted outside the weights' training range, from the rank records: ``{"rows", "n_partitions",
+    "partitions", "by_partition", "range", "known"}`` (``range`` None and ``known`` False when the weights state
+    no training range: then nothing is flagged)."""
+    rows, parts = 0, {}
+    for rank in sorted(records):
+        counts = records[rank].get("outside_training_range")
+        if not isinstance(counts, dict):  # a rank recorded before predictions were range-checked
+            continue
+        rows += int(counts.get("rows") or 0)
+        for name, count in (counts.get("by_partition") or {}).items():
+            parts[name] = parts.get(name, 0) + int(count)
+    rng = weights.get("training_range")
+    named = list(parts)[:NAMED_PARTITIONS]
+    return {"rows": rows, "n_partitions": len(parts), "partitions": named,
+            "by_partition": {name: parts[name] for name in named},
+            "range": [rng["z_min"], rng["z_max"]] if isinstance(rng, dict) else None,
+            "known": isinstance(rng, dict)}
 
 
 def _write(result_url: str, records: dict[int, dict[str, Any]], gathered: _Gathered) -> None:
@@ -279,6 +325,8 @@ class _Gathered:
         self.nonfinite_from_finite = 0
         self._buffer: list[Any] = []
         self._buffered = 0
+        self.catalog_fields: list[Any] | None = None
+        self.catalog_rank: int | None = None
 
     def run(self) -> None:
         import pyarrow as pa
@@ -293,8 +341,11 @@ class _Gathered:
                     if isinstance(table, BaseException):
                         raise table
                     counts = _partition_counts(table)
-                    table = self._conform(table)
+                    catalog = self._catalog(rank, url, table)
+                    table = self._conform(table, catalog)
                 except (pa.ArrowException, OSError, CaiError) as exc:
+                    if isinstance(exc, CatalogMismatchError):
+                        raise
                     self.problems.append(f"rank {rank}: {url} is unreadable ({exc}); a rerun redoes this rank")
                     self.unreadable.append(rank)
                     continue
@@ -319,9 +370,23 @@ class _Gathered:
             self.part_done[p["name"]] = self.part_done.get(p["name"], 0) + 1
 
     # -- the output schema ------------------------------------------------------------------------------
-    def _conform(self, table: Any) -> Any:
-        """``table`` with the output columns in order and types (partition as dictionary<int32, string>);
-        columns a rank lacks are null (as ``concat_tables(promote_options="default")`` made them)."""
+    def _catalog(self, rank: int, url: str, table: Any) -> list[Any]:
+        """The rank's catalogue columns (the fields after the standard ones), which must be those of the first
+        rank read, in name, order and type: otherwise a CatalogMismatchError naming the rank."""
+        fields = [f for f in table.schema if f.name not in PREDICTION_COLUMNS]
+        if self.catalog_fields is None:
+            self.catalog_fields, self.catalog_rank = fields, rank
+        elif [(f.name, f.type) for f in fields] != [(f.name, f.type) for f in self.catalog_fields]:
+            raise CatalogMismatchError(
+                f"rank {rank}: {url} has catalogue columns {_field_list(fields)} but rank {self.catalog_rank} has "
+                f"{_field_list(self.catalog_fields)}; the dataset's partitions must carry the same columns (convert "
+                "the data again with one catalogue, then rerun with --overwrite)")
+        return fields
+
+    def _conform(self, table: Any, catalog: list[Any] = ()) -> Any:
+        """``table`` with the output columns in order and types (partition as dictionary<int32, string>), then its
+        ``catalog`` columns; standard columns a rank lacks are null (as ``concat_tables(promote_options="default")``
+        made them)."""
         import pyarrow as pa
 
         present = {name: table.schema.field(name).type for name in PREDICTION_COLUMNS if name in table.column_names}
@@ -341,7 +406,8 @@ class _Gathered:
             else:
                 col = table.column(name)
                 arrays.append(col if col.type == typ else col.cast(typ))
-        schema = pa.schema([pa.field(name, typ) for name, typ in self.columns.items()])
+        arrays += [table.column(f.name) for f in catalog]
+        schema = pa.schema([pa.field(name, typ) for name, typ in self.columns.items()] + list(catalog))
         return pa.Table.from_arrays(arrays, schema=schema)
 
     # -- metrics and non-finite predictions -------------------------------------------------------------
@@ -695,4 +761,9 @@ def incomplete_message(summary: dict[str, Any]) -> str:
     for f in summary["failures"]:
         parts.append(f"rank {f['rank']} failed ({f['error_type']}: {f['message']})")
     parts.extend(comp["problems"][:5])
+    damaged = sorted({f.get("damaged_partition") or "?" for f in summary["failures"] if f.get("remedy") == "restore"})
+    if damaged:
+        return "; ".join(parts) + (f"; restore the changed or damaged partition(s) {damaged[:5]} from the dataset's "
+                                   "source first (a rerun alone fails the same way), then rerun `cai run` with the "
+                                   "same config to resume the missing ranks")
     return "; ".join(parts) + "; rerun `cai run` with the same config to resume the missing ranks"

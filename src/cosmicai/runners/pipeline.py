@@ -213,6 +213,33 @@ def _fmt(value: Any, spec: str = ".3g", unit: str = "") -> str:
     return f"{value:{spec}}{unit}"
 
 
+def _weights_lines(summary: dict[str, Any]) -> list[str]:
+    """The weights used (file or built-in, sha256, origin, what they were trained on, their caveat) and the
+    predictions outside their training range."""
+    w = summary.get("weights")
+    if not isinstance(w, dict):
+        return []
+    sha = f", sha256 {w['sha256'][:12]}" if w.get("sha256") else ""
+    origin = f": {w['origin']}" if w.get("origin") else ""
+    lines = [f"  weights: {w.get('model')} ({w.get('file') or 'built-in'}{sha}){origin}"]
+    if w.get("trained_on"):
+        lines.append(f"  trained on: {w['trained_on']}")
+    if w.get("caveat"):
+        lines.append(f"  NOTE: {w['caveat']}")
+    out = summary.get("outside_training_range")
+    if isinstance(out, dict):
+        if out.get("known"):
+            lo, hi = out["range"]
+            more = " ..." if out["n_partitions"] > len(out["partitions"]) else ""
+            where = f", in {out['n_partitions']} partition(s): {', '.join(out['partitions'])}{more}" if out["rows"] \
+                else ""
+            lines.append(f"  outside the training range z {lo:g}..{hi:g}: {out['rows']} row(s) (column "
+                         f"outside_training_range; scored like the rest){where}")
+        else:
+            lines.append("  training range of these weights: unknown (no prediction is marked outside it)")
+    return lines
+
+
 def format_report(summary: dict[str, Any]) -> str:
     """The human report of a summary: stages, phases, throughput, workers, memory, metrics, completeness."""
     comp = summary.get("completeness", {})
@@ -222,6 +249,7 @@ def format_report(summary: dict[str, Any]) -> str:
              f"  complete: {comp.get('complete')}  ranks {comp.get('ranks_done')}/{comp.get('ranks_planned')}  "
              f"partitions {comp.get('partitions_done')}/{comp.get('partitions_planned')}  "
              f"rows in {comp.get('rows_in')} / out {comp.get('rows_out')}"]
+    lines.extend(_weights_lines(summary))
     if comp.get("missing_ranks"):
         lines.append(f"  missing ranks: {comp['missing_ranks']}")
     for f in summary.get("failures", []):
@@ -274,5 +302,7 @@ def format_report(summary: dict[str, Any]) -> str:
                      f"MSE {_fmt(m['MSE'], '.5f')}  Bias {_fmt(m['Bias'], '.4f')}  "
                      f"Precision {_fmt(m['Precision'], '.4f')}  R2 {_fmt(m['R2'], '.4f')}  "
                      f"outliers {_fmt(m['outlier_fraction'], '.3f')}")
+    if summary.get("catalog_columns"):
+        lines.append(f"  catalogue columns carried into predictions.parquet: {', '.join(summary['catalog_columns'])}")
     lines.append(f"  outputs: {summary.get('result_url')}/{{predictions.parquet,summary.json,combined_data.json}}")
     return "\n".join(lines)
