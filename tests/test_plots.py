@@ -87,6 +87,58 @@ def test_run_without_phases_or_truth_is_explained(tmp_path, capsys):
         plot_timeline(str(run), str(tmp_path / "fig"))
     with pytest.raises(DataError, match="no z_true column"):
         plot_predictions(str(run), str(tmp_path / "fig"))
-    assert main(["plot", str(run), "--out", str(tmp_path / "fig")]) == 2
-    assert "no z_true" in capsys.readouterr().err
     assert main(["plot", str(tmp_path / "nothing"), "--out", str(tmp_path / "fig")]) == 2
+    assert "nothing" in capsys.readouterr().err
+    (run / "predictions.parquet").unlink()  # neither figure of a run can be drawn: both reasons are given
+    assert main(["plot", str(run), "--out", str(tmp_path / "fig")]) == 2
+    err = capsys.readouterr().err
+    assert "no predictions.parquet" in err and "no 'phases'" in err
+
+
+def _write_predictions(run: Path, z_pred, z_true=None, flag=None) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    cols = {"object_id": np.arange(len(z_pred)), "z_pred": np.asarray(z_pred, dtype=np.float32)}
+    if z_true is not None:
+        cols["z_true"] = np.asarray(z_true, dtype=np.float32)
+    if flag is not None:
+        cols["flag"] = np.asarray(flag, dtype=bool)
+    pq.write_table(pa.table(cols), run / "predictions.parquet")
+
+
+@pytest.mark.parametrize("with_truth", [True, False])
+def test_nz_of_the_predictions_for_every_run(tmp_path, capsys, with_truth):
+    import pyarrow.parquet as pq
+
+    from cosmicai.analysis.plots import nz_figure
+
+    run = _fake_run(tmp_path, with_phases=False, with_truth=False)
+    rng = np.random.default_rng(1)
+    z_true = rng.uniform(0.02, 0.4, 2000)
+    z_pred = z_true + rng.normal(0, 0.02, 2000)
+    z_pred[:7] = np.nan  # non-finite predictions are flagged rows
+    flag = np.zeros(2000, dtype=bool)
+    flag[:50] = True
+    _write_predictions(run, z_pred, z_true if with_truth else None, flag)
+
+    fig = nz_figure(pq.read_table(run / "predictions.parquet"))
+    ax = fig.axes[0]
+    assert ax.get_xlabel() == "redshift z" and ax.get_ylabel() == "galaxies per bin"
+    assert "50 flagged row(s) excluded" in ax.get_title()
+    predicted = ax.containers[0]
+    assert sum(bar.get_height() for bar in predicted) == 1950  # the unflagged rows, every one of them
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    if with_truth:
+        assert labels == ["predicted (N = 1,950)", "true (N = 1,950)"]
+        counts, _ = np.histogram(z_true[50:], bins=[b.get_x() for b in predicted] + [predicted[-1].get_x()
+                                                                                   + predicted[-1].get_width()])
+        step = ax.patches[-1].get_xy()  # the true n(z) drawn as a step line over the same bins
+        assert step[:, 1].max() == counts.max() and counts.sum() == 1950
+    else:
+        assert labels == ["predicted (N = 1,950)"]
+
+    assert main(["plot", str(run), "--out", str(tmp_path / "fig")]) == 0  # no phases, maybe no z_true: n(z) still
+    out = capsys.readouterr().out
+    _check_png(tmp_path / "fig" / "redshift_nz.png", 500, 300)
+    assert ("redshift_scatter.png" in out) == with_truth and "timeline.png" not in out

@@ -132,3 +132,37 @@ def test_tree_layout_run_folders_and_means(tmp_path, capsys):
 def test_stats_on_empty_folder_is_a_clear_error(tmp_path, capsys):
     assert main(["stats", str(tmp_path)]) == 2
     assert "no result trees" in capsys.readouterr().err
+
+
+def test_stats_prints_its_tables(tmp_path, tiny_dataset, capsys):
+    import cosmicai
+
+    base = tmp_path / "result-partition-50MB"
+    for size, run, t in [("2GB", "1", 2.0), ("2GB", "2", 4.0)]:
+        d = base / size / run
+        d.mkdir(parents=True)
+        (d / "combined_data.json").write_text(json.dumps([_rec(t, 100.0, 8e6)] * 3))
+    for b in (32, 64):
+        d = base / "2GB" / "Batches" / str(b) / "1"
+        d.mkdir(parents=True)
+        (d / "combined_data.json").write_text(json.dumps([_rec(b / 16, 10.0, 4e6)]))
+    ours = cosmicai.run(tiny_dataset, str(tmp_path / "result-partition-1MB" / "1GB" / "1"), model="astromae-random",
+                        workers=1, threads=1, world_size=2, batch_size=16)
+    assert main(["stats", str(tmp_path), "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    # one table per CSV written, each under its file name, with the values the CSV holds
+    assert "result_stats.csv: data-size sweep, mean over runs (original aggregation)\n" \
+           "partition MB  data GB  rank time s  memory MB  throughput Mbit/s  data GiB\n" in out
+    assert "50                2.0         3.00        300               24.0     0.008\n" in out  # (2 s + 4 s) / 2
+    assert "batch_varying_results.csv: batch-size sweep, mean over runs\n" \
+           "batch  rank time s  memory MB  throughput Mbit/s  data GiB\n" \
+           "32            2.00         10                4.0     0.001\n" \
+           "64            4.00         10                4.0     0.002\n" in out
+    table = out.split("cai_runs.csv: our runs\n", 1)[1].split("\n\n", 1)[0].splitlines()
+    assert table[0].split() == ["run", "rows", "ranks", "map", "s", "total", "s", "samples/s", "Mbit/s",
+                                "inference", "s", "peak", "MB", "Lambda", "$", "complete"]
+    row = table[1].split()
+    assert row[:3] == ["result-partition-1MB/1GB/1", "48", "2"] and row[-1] == "True"
+    assert float(row[3]) == pytest.approx(ours.summary["map_wall_s"], abs=0.006)
+    assert float(row[5]) == pytest.approx(ours.summary["samples_per_s"], abs=0.06)
+    assert out.rstrip().endswith(f"wrote {tmp_path / 'out' / 'cai_runs.csv'}")

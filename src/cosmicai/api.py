@@ -1,16 +1,16 @@
 """The Python API, for notebooks and scripts: ``run`` a model over a dataset on a backend and get a
-:class:`RunResult`; ``load_model``; ``predict`` on arrays already in memory. Nothing here prints unless asked
-(``report=True``, ``progress=True``)."""
+:class:`RunResult`; ``open`` a finished run again; ``load_model``; ``predict`` on arrays already in memory.
+Nothing here prints unless asked (``report=True``, ``progress=True``)."""
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from .errors import ConfigError
+from . import storage
+from .errors import CaiError, ConfigError, DataError
 
 #: ``run`` options that go to the Step Functions runner, not into the run config.
 AWS_OPTIONS = ("stack", "state_machine_arn", "endpoint", "region", "name", "upload", "poll_s", "timeout_s")
@@ -41,13 +41,15 @@ class RunResult:
 
     def predictions(self, columns: list[str] | None = None):
         """``predictions.parquet`` as a pyarrow Table (object_id, partition, row, z_pred, z_true, flag)."""
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        from . import storage
         from .results import PREDICTIONS_NAME
 
         data = storage.read_bytes(storage.join(self.result_url, PREDICTIONS_NAME))
-        return pq.read_table(io.BytesIO(data), columns=columns)
+        # One thread and an arrow buffer: pyarrow 26 can abort the interpreter at exit ("terminate called without an
+        # active exception") after a threaded read, about one run in four here.
+        return pq.read_table(pa.BufferReader(data), columns=columns, use_threads=False)
 
     def to_pandas(self, columns: list[str] | None = None):
         """The predictions as a pandas DataFrame (needs pandas)."""
@@ -128,6 +130,66 @@ def _run_aws(values: dict[str, Any], report: bool) -> RunResult:
 
         raise IncompleteRunError(incomplete_message(execution.summary))
     return RunResult(execution.result_url, execution.summary, execution.arn)
+
+
+class NotFinishedError(DataError):
+    """A result path that holds no finished run: nothing there, not a run folder, or planned but not summarized."""
+
+
+def open(result: str) -> RunResult:  # noqa: A001 - cosmicai.open, as in the docs
+    """The finished run under ``result`` (a local path or ``s3://`` URL), read only: nothing is written and no
+    lease is taken, so a read-only folder or bucket will do. ``summary.json`` is read now, the predictions when
+    asked for (``RunResult.predictions()``).
+
+    Raises NotFinishedError, naming what the folder is, when it holds no finished run (no plan, or planned but
+    not summarized: ``cai run`` finishes it). A summarized run whose ranks failed opens; ``complete`` is False.
+    """
+    from .config import canonical_url
+    from .results import PLAN_NAME, SUMMARY_NAME
+
+    url = canonical_url(result, "result")
+    summary_url, plan_url = storage.join(url, SUMMARY_NAME), storage.join(url, PLAN_NAME)
+    plan = storage.read_json(plan_url) if storage.exists(plan_url) else None
+    if not storage.exists(summary_url):
+        raise NotFinishedError(_not_finished(url, plan))
+    summary = storage.read_json(summary_url)
+    if not isinstance(summary, dict) or not isinstance(summary.get("completeness"), dict):
+        raise DataError(f"{summary_url}: not a cosmicai summary (no 'completeness'); it was not written by `cai run`")
+    if isinstance(plan, dict) and plan.get("plan_hash") not in (None, summary.get("plan_hash")):
+        raise NotFinishedError(_not_finished(url, plan, stale=True))
+    return RunResult(url, summary)
+
+
+def _not_finished(url: str, plan: Any, stale: bool = False) -> str:
+    """One line saying what ``url`` holds instead of a finished run, and what to do."""
+    from .results import LEASE_NAME, RANKS_DIR
+
+    if plan is None:
+        if not storage.exists(url):
+            return f"{url}: no such folder; give the --result of a finished `cai run`"
+        from .data.formats import MANIFEST_NAME
+
+        if storage.exists(storage.join(url, MANIFEST_NAME)):
+            return f"{url}: a dataset (manifest.json), not a run; give the --result of a finished `cai run`"
+        found = len(storage.list_files(url))
+        return (f"{url}: not a run (no plan.json or summary.json; {found} other file(s)); give the --result "
+                f"of a finished `cai run`")
+    if not isinstance(plan, dict) or not isinstance(plan.get("config"), dict):
+        return f"{url}/plan.json: not a cosmicai plan; give the --result of a finished `cai run`"
+    ranks = plan.get("world_size")
+    done = sum(1 for u in storage.list_files(storage.join(url, RANKS_DIR), suffixes=".json"))
+    state = "re-planned since its summary.json was written" if stale else "planned but not summarized"
+    lease = ""
+    if storage.exists(storage.join(url, LEASE_NAME)):
+        from .pipeline.lease import describe
+
+        try:
+            info = storage.read_json(storage.join(url, LEASE_NAME))
+            lease = f"; a run holds it now ({describe(info) if isinstance(info, dict) else 'lease.json'})"
+        except CaiError:
+            lease = "; a run holds its lease.json now"
+    return (f"{url}: {state} ({done}/{ranks} rank(s) done{lease}): run `cai run --data "
+            f"{plan['config'].get('data')} --result {url}` to finish it, or `cai report {url}` after")
 
 
 def load_model(name: str = "astromae-demo", weights: str | None = None, **kwargs: Any):

@@ -1,7 +1,8 @@
 """The paper's figures (PNG and PDF, matplotlib Agg) from result trees or from one run.
 
 Tree figures (``cai plot RESULTS_ROOT``): map-stage / per-rank time and throughput against data size, one
-line per partition size; time and throughput against batch size. Run figures (``cai plot RUN``): predicted
+line per partition size; time and throughput against batch size. Run figures (``cai plot RUN``): the redshift
+distribution n(z) of the predictions (with the true n(z) overlaid when the data has redshifts); predicted
 against true redshift as a 2-D density with the metrics in the legend; a per-worker timeline of each rank's
 phases. The original's published trees have no per-phase times, so they only give the tree figures.
 """
@@ -186,16 +187,63 @@ def _honest_bps(run: stats.RunStats) -> float | None:
     return sum(rows) * INPUT_BITS_PER_SAMPLE / seconds / 1e9
 
 
-def plot_predictions(run_url: str, out: str) -> list[str]:
-    """Predicted vs true redshift density (``predictions.parquet``) with the metrics in the legend."""
+def _read_predictions(run_url: str):
     import pyarrow.parquet as pq
-
-    from ..pipeline.metrics import redshift_metrics
 
     url = storage.join(run_url, PREDICTIONS_NAME)
     if not storage.exists(url):
         raise DataError(f"{run_url}: no predictions.parquet (run `cai run` to completion first)")
-    table = pq.read_table(io.BytesIO(storage.read_bytes(url)))
+    import pyarrow as pa
+
+    return pq.read_table(pa.BufferReader(storage.read_bytes(url)), use_threads=False)  # see RunResult.predictions
+
+
+def _column(table, name: str) -> np.ndarray:
+    return table.column(name).to_numpy(zero_copy_only=False).astype(float)
+
+
+def nz_figure(table):
+    """The n(z) figure of a predictions table: a histogram of ``z_pred`` over the rows not flagged (and finite),
+    with the histogram of ``z_true`` over the same rows drawn as a step line when the table has it.
+
+    Returns the matplotlib Figure (its axes' first container holds the predicted counts)."""
+    zp = _column(table, "z_pred")
+    keep = np.isfinite(zp)
+    if "flag" in table.column_names:
+        keep &= ~table.column("flag").to_numpy(zero_copy_only=False).astype(bool)
+    zt = _column(table, "z_true") if "z_true" in table.column_names else None
+    shown = zp[keep]
+    truth = zt[keep & np.isfinite(zt)] if zt is not None else np.empty(0)
+    both = np.concatenate([shown, truth])
+    lo, hi = (float(both.min()), float(both.max())) if both.size else (0.0, 1.0)
+    if hi - lo < 1e-6:
+        lo, hi = lo - 0.05, hi + 0.05
+    edges = np.linspace(lo, hi, int(np.clip(np.sqrt(max(shown.size, 1)), 10, 60)) + 1)
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    ax.hist(shown, bins=edges, color="C0", alpha=0.6, label=f"predicted (N = {shown.size:,})")
+    if zt is not None:
+        ax.hist(truth, bins=edges, histtype="step", color="C3", lw=1.6, label=f"true (N = {truth.size:,})")
+    excluded = int(zp.size - shown.size)
+    ax.set_xlabel("redshift z")
+    ax.set_ylabel("galaxies per bin")
+    ax.set_title("Redshift distribution n(z)" + (f"  ({excluded:,} flagged row(s) excluded)" if excluded else ""))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def plot_nz(run_url: str, out: str) -> list[str]:
+    """``redshift_nz``: n(z) of the run's predictions (and of the true redshifts when present)."""
+    return _save(nz_figure(_read_predictions(run_url)), out, "redshift_nz")
+
+
+def plot_predictions(run_url: str, out: str) -> list[str]:
+    """Predicted vs true redshift density (``predictions.parquet``) with the metrics in the legend."""
+    from ..pipeline.metrics import redshift_metrics
+
+    url = storage.join(run_url, PREDICTIONS_NAME)
+    table = _read_predictions(run_url)
     if "z_true" not in table.column_names:
         raise DataError(f"{url}: no z_true column (the dataset has no true redshifts), nothing to compare")
     zp = table.column("z_pred").to_numpy(zero_copy_only=False).astype(float)
@@ -279,7 +327,7 @@ def plot(target: str, out: str) -> list[str]:
     if storage.exists(storage.join(target, COMBINED_NAME)):
         files = []
         errors = []
-        for fn in (plot_predictions, plot_timeline):
+        for fn in (plot_nz, plot_predictions, plot_timeline):
             try:
                 files += fn(target, out)
             except DataError as exc:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
@@ -452,3 +453,75 @@ def write_cai_runs(root: str, out: str, memory_mb: float = 10_240) -> str | None
         return None
     rows = [cai_run_row(u, memory_mb) for u in runs]
     return write_csv(storage.join(out, "cai_runs.csv"), CAI_RUNS_COLUMNS, rows)
+
+
+# --- tables on the terminal -----------------------------------------------------------------------------
+
+def _cell(fmt: str, scale: float = 1.0):
+    def render(text: str) -> str:
+        try:
+            return format(float(text) * scale, fmt)
+        except ValueError:
+            return text
+    return render
+
+
+_AS_IS = str
+_TREE_VIEW = [("partition (MB)", "partition MB", _AS_IS), ("data (GB)", "data GB", _AS_IS),
+              ("batch_size", "batch", _AS_IS), ("run", "run", _AS_IS),
+              (CPU_TIME, "rank time s", _cell(".2f")), (CPU_MEMORY, "memory MB", _cell(".0f")),
+              (THROUGHPUT, "throughput Mbit/s", _cell(".1f", 1e-6)),
+              (TOTAL_BITS, "data GiB", _cell(".3f", 1 / BITS_PER_GIB)),
+              ("num_worlds", "ranks", _cell(".0f")), ("total_duration (s)", "total s", _cell(".2f")),
+              ("inference_duration (s)", "map s", _cell(".2f"))]
+_RUNS_VIEW = [("result_path", "run", _AS_IS), ("rows", "rows", _AS_IS), ("ranks", "ranks", _AS_IS),
+              ("map_wall_s", "map s", _cell(".2f")), ("total_wall_s", "total s", _cell(".2f")),
+              ("samples_per_s", "samples/s", _cell(".1f")), ("throughput_bps", "Mbit/s", _cell(".2f", 1e-6)),
+              ("inference_s", "inference s", _cell(".2f")), ("peak_rss_mb", "peak MB", _cell(".0f")),
+              ("lambda_cost_usd", "Lambda $", _cell(".6f")), ("complete", "complete", _AS_IS)]
+#: Per CSV: its title on the terminal, and whether only the ``mean`` row of each group is shown.
+TABLE_TITLES = {"result_stats.csv": ("data-size sweep, mean over runs (original aggregation)", True),
+                "batch_varying_results.csv": ("batch-size sweep, mean over runs", True),
+                "batch_varying_all.csv": ("every batch-size sweep, mean over runs", True),
+                "result_stats_adjusted.csv": ("data-size sweep, throughput over the map stage, mean over runs", True),
+                "batch_varying_adjusted.csv": ("batch-size sweep, throughput over the map stage, mean over runs", True),
+                "cai_runs.csv": ("our runs", False)}
+
+
+def format_table(header: list[str], rows: list[list[str]]) -> str:
+    """Rows under a header, columns right-aligned to their widest cell (the first column left-aligned)."""
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = []
+    for row in [header, *rows]:
+        cells = [c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))]
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)
+
+
+def table_text(url: str, root: str | None = None) -> str:
+    """A compact view of one CSV written by ``cai stats``: a title line, then the important columns (the
+    ``mean`` rows of the CAI tables; every run of ``cai_runs.csv``, named relative to ``root``)."""
+    name = storage.basename(url)
+    title, means_only = TABLE_TITLES.get(name, (name, False))
+    reader = csv.reader(io.StringIO(storage.read_bytes(url).decode()))
+    header = next(reader, [])
+    rows = [dict(zip(header, r)) for r in reader]
+    if means_only and any(r.get("run") == "mean" for r in rows):
+        rows = [r for r in rows if r.get("run") == "mean"]
+    view = [v for v in (_RUNS_VIEW if name == "cai_runs.csv" else _TREE_VIEW) if v[0] in header]
+    if means_only:
+        view = [v for v in view if v[0] != "run"]
+    local = storage.local_path(root) if root else None
+    prefixes = [p.rstrip("/") + "/" for p in ([root] if root else []) + ([os.path.abspath(local)] if local else [])]
+
+    def render(col: str, fn, value: str) -> str:
+        for prefix in prefixes if col == "result_path" else ():
+            if value.startswith(prefix):
+                return value[len(prefix):]
+            if value == prefix.rstrip("/"):
+                return root.rstrip("/")
+        return fn(value) if value != "" else "-"
+
+    body = [[render(col, fn, r.get(col, "")) for col, _, fn in view] for r in rows]
+    text = format_table([h for _, h, _ in view], body) if body else "(no rows)"
+    return f"{name}: {title}\n{text}"

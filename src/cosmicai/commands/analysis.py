@@ -35,26 +35,29 @@ def register(subparsers: Any) -> None:
     b.add_argument("--out", required=True, help="root folder/URL of the result tree")
     b.add_argument("--sizes", type=_csv_list, default=["1GB"], help="data sizes, e.g. 1GB,2GB,4GB")
     b.add_argument("--partitions", type=_csv_list, default=["25MB"], help="partition sizes, e.g. 25MB,50MB")
-    b.add_argument("--batch-sizes", type=_int_list, default=[32, 64, 128, 256, 512], dest="batch_sizes")
+    b.add_argument("--batch-sizes", type=_int_list, default=[32, 64, 128, 256, 512], dest="batch_sizes",
+                   help="batch sizes of the batch-size sweep (default 32,64,128,256,512)")
     b.add_argument("--batch-size", type=int, dest="sweep_batch",
                    help="batch size of the data-size sweep (default the largest of --batch-sizes)")
     b.add_argument("--batch-data", dest="batch_data", help="data size of the batch-size sweep (default the smallest)")
-    b.add_argument("--runs", type=int, default=3)
-    b.add_argument("--backend", choices=("local", "dask", "aws"), default="local")
+    b.add_argument("--runs", type=int, default=3, help="repetitions of every grid point (default 3)")
+    b.add_argument("--backend", choices=("local", "dask", "aws"), default="local",
+                   help="where the runs go: local processes (default), a Dask cluster, or the deployed AWS stack")
     b.add_argument("--scheduler", help="Dask scheduler address (with --backend dask)")
     b.add_argument("--stack", help="deployed CloudFormation stack (with --backend aws)")
     b.add_argument("--state-machine-arn", dest="state_machine_arn", help="state machine (with --backend aws)")
     b.add_argument("--endpoint", help="AWS endpoint URL (with --backend aws; tests use a local server)")
-    b.add_argument("--region")
-    b.add_argument("--model", default="astromae-demo")
-    b.add_argument("--weights")
-    b.add_argument("--mode", choices=("exact", "fast"), default="exact", dest="run_mode")
-    b.add_argument("--device", default="cpu")
-    b.add_argument("--workers", type=int)
-    b.add_argument("--threads", type=int)
+    b.add_argument("--region", help="AWS region (with --backend aws; default from the AWS configuration)")
+    b.add_argument("--model", default="astromae-demo", help="model name (default astromae-demo)")
+    b.add_argument("--weights", help="weights URL (safetensors) for the model (default: the model's own)")
+    b.add_argument("--mode", choices=("exact", "fast"), default="exact", dest="run_mode",
+                   help="inference mode: exact (default) or fast (checked against exact first)")
+    b.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    b.add_argument("--workers", type=int, help="local worker processes per run (default: the cores)")
+    b.add_argument("--threads", type=int, help="inference threads per worker (default: cores // workers)")
     b.add_argument("--resample", choices=("cycle", "shuffle"), default="cycle",
                    help="how sizes beyond the data are drawn: cycle in order, or seeded shuffles (default cycle)")
-    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--seed", type=int, default=0, help="seed of --resample shuffle (default 0)")
     b.set_defaults(func=cmd_bench)
 
     s = subparsers.add_parser("stats", help="CAI-compatible tables (result_stats.csv, batch_varying_results.csv) "
@@ -84,7 +87,8 @@ def register(subparsers: Any) -> None:
                    help="what-if: per-request speed instead of --seconds-per-partition")
     c.add_argument("--memory", default=str(MAX_MEMORY_MB),
                    help="configured Lambda memory: MB (2800) or with a unit (2.8GB)")
-    c.add_argument("--arch", choices=("x86_64", "arm64"), default="x86_64")
+    c.add_argument("--arch", choices=("x86_64", "arm64"), default="x86_64",
+                   help="Lambda architecture, which sets the price per GB-second (default x86_64)")
     c.add_argument("--ephemeral", type=float, default=FREE_EPHEMERAL_MB,
                    help=f"ephemeral storage MB (default {FREE_EPHEMERAL_MB}, free)")
     c.add_argument("--price-gbs", type=float, dest="price_gbs", help="override the price per GB-second")
@@ -151,6 +155,9 @@ def cmd_stats(args: argparse.Namespace) -> int:
     if not written:
         raise ConfigError(f"{args.root}: no result trees (result-partition-*/<size>/<run>/combined_data.json) "
                           f"and no runs of ours (summary.json) found")
+    for url in written:
+        print(f"\n{stats.table_text(url, args.root)}")
+    print()
     for url in written:
         print(f"wrote {url}")
     return 0
