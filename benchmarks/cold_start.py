@@ -147,6 +147,24 @@ def measure(install: str, python: str, mode: str, args, path: str, data: str, tm
     return med
 
 
+def recorded_command(argv: list[str]) -> str:
+    """The command line as another user could rerun it: this machine's venv paths become placeholders."""
+    placeholders = {"--worker-python": "PATH/TO/worker/bin/python", "--worker-venv": "PATH/TO/worker-venv"}
+    words, skip = [], None
+    for word in argv:
+        if skip:
+            words.append(skip)
+            skip = None
+            continue
+        name, eq, _ = word.partition("=")
+        if name in placeholders and eq:
+            words.append(f"{name}={placeholders[name]}")
+            continue
+        skip = placeholders.get(word)
+        words.append(word)
+    return " ".join(["python benchmarks/cold_start.py", *words])
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--full-python", default=sys.executable)
@@ -199,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
             "partition_mb": a.partition_mb, "galaxies": w["rows"], "partition_s": round(w["partition"], 3),
             "peak_rss_mb": round(w["peak_rss_mb"]),
             "machine": {"cpus": os.cpu_count(), "cpu": _cpu_model(), "python": platform.python_version()},
-            "measured_with": "python benchmarks/cold_start.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "measured_with": recorded_command(argv if argv is not None else sys.argv[1:]),
             "date": date.today().isoformat()}
         with open(a.profile_out, "w") as fh:
             json.dump(profile, fh, indent=1)

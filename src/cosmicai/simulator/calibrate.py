@@ -71,8 +71,8 @@ class Cell:
 
 
 def reference_dir(path: str | os.PathLike | None = None) -> Path | None:
-    """The published CAI results folder: ``path``, ``$CAI_REFERENCE_DIR``, or ``../shared/reference/cai``
-    beside the repository; None when none exists."""
+    """The published CAI results folder: ``path``, ``$CAI_REFERENCE_DIR``, or the CAI reference folder kept
+    beside the checkout; None when none exists."""
     candidates = [path, os.environ.get("CAI_REFERENCE_DIR")] if path or os.environ.get("CAI_REFERENCE_DIR") \
         else [Path(__file__).resolve().parents[3].parent / "shared" / "reference" / "cai",
               Path.cwd().parent / "shared" / "reference" / "cai"]
@@ -318,8 +318,7 @@ def format_published(figures: Sequence[dict]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m cosmicai.simulator.calibrate [--reference DIR] [--fit] [--seed N]``."""
     ap = argparse.ArgumentParser(prog="python -m cosmicai.simulator.calibrate", description=__doc__.split("\n")[0])
-    ap.add_argument("--reference", help="published CAI folder (default: $CAI_REFERENCE_DIR or "
-                    "../shared/reference/cai)")
+    ap.add_argument("--reference", help="the published CAI results folder (default $CAI_REFERENCE_DIR)")
     ap.add_argument("--fit", action="store_true", help="refit the free parameters before printing")
     ap.add_argument("--seeds", type=int, default=3, help="simulations averaged per cell (seeds 0..N-1)")
     args = ap.parse_args(argv)
@@ -331,7 +330,8 @@ def run_calibration(reference: str | None = None, do_fit: bool = False, seeds: S
     """Print the validation table (after an optional refit); exit code 0, or 2 when no reference."""
     ref = reference_dir(reference)
     if ref is None:
-        print("calibrate: published CAI results not found (set CAI_REFERENCE_DIR)", file=sys.stderr)
+        print("calibrate: the published CAI results folder was not found (set $CAI_REFERENCE_DIR or give "
+              "--reference DIR)", file=sys.stderr)
         return 2
     cells = load_cells(ref)
     params = DEFAULT_PARAMS
