@@ -87,6 +87,54 @@ def test_fast_mode_on_demo_weights_stays_fast(tiny_dataset, tmp_path):
     assert summary["fast_check"]["ranks_in_exact"] == [] and summary["phases_total_s"]["fast_check"] > 0
 
 
+def test_a_pool_run_measures_the_check_once_before_its_workers_start(tiny_dataset, tmp_path):
+    """Workers that start together reuse the check the run made before starting them: one stored check, and no
+    rank pays for it again."""
+    result = tmp_path / "res"
+    summary = run(_cfg(tiny_dataset, str(result), mode="fast", workers=2, world_size=4), progress=False, report=False)
+    assert summary["completeness"]["complete"] and summary["mode_used"] == "fast"
+    assert len(list((result / "fast_check").iterdir())) == 1
+    records = [json.loads((result / "ranks" / f"{r}.json").read_text()) for r in range(4)]
+    checks = [rec["fast_check"] for rec in records]
+    assert all(c.get("measured_by_other_worker") or c.get("measured_by_earlier_task") for c in checks), checks
+    assert all(c["max_dz"] == checks[0]["max_dz"] < FAST_TOLERANCE for c in checks)
+    assert max(c["seconds"] for c in checks) < 0.5  # reading the stored check, not measuring
+
+
 def test_unknown_fast_guard_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="'fast_guard' must be one of fallback|strict|off, got 'maybe'"):
         load_config({"data": str(tmp_path), "result": str(tmp_path / "r"), "fast_guard": "maybe"})
+
+
+def test_check_is_measured_once_per_run_and_shared_with_the_same_decision(authors_weights, tmp_path):
+    """The first worker process measures and stores ``fast_check/<key>.json``; the next reuses it (no exact model
+    loaded, same numbers, this worker's policy applied); other weights or another dataset get their own key."""
+    from cosmicai.models.guard import SHARED_DIR, shared_calibrate, shared_key
+
+    images, mags = _rows(32)
+    fast = load_model("astromae", weights=str(authors_weights), mode="fast", threads=1)
+    exact = load_model("astromae", weights=str(authors_weights), mode="exact", threads=1)
+    calls = []
+
+    def measure():
+        calls.append(1)
+        return calibrate(fast, exact, images, mags, policy="fallback", sample="part-1", rows=32)
+
+    key = shared_key("astromae", "ab" * 32, fast.engine, "cpu", "/data")
+    first, reused = shared_calibrate(str(tmp_path), key, "fallback", measure)
+    assert not reused and not first.passed and first.mode_used == "exact" and calls == [1]
+    stored = json.loads((tmp_path / SHARED_DIR / f"{key}.json").read_text())
+    assert stored["max_dz"] == first.max_dz and stored["key"] == key
+    again, reused = shared_calibrate(str(tmp_path), key, "fallback", measure)
+    assert reused and calls == [1] and again.max_dz == first.max_dz and again.mode_used == "exact"
+    assert again.seconds < first.seconds
+    with pytest.raises(ModelError, match=r"fast mode deviates .* on 32 rows of part-1, over the tolerance 0\.002"):
+        shared_calibrate(str(tmp_path), key, "strict", measure)  # the stored failure, refused under strict
+    assert calls == [1]
+    assert shared_key("astromae", "cd" * 32, fast.engine, "cpu", "/data") != key
+    assert shared_key("astromae", "ab" * 32, fast.engine, "cpu", "/other") != key
+    assert shared_key("astromae", None, fast.engine, "cpu", "/data") is None  # unknown weights: never shared
+    assert shared_key("astromae", "ab" * 32, fast.engine, "cuda", "/data") is None
+    (tmp_path / SHARED_DIR / f"{key}.json").write_text('{"rows": 32, "max_dz": 0.0, "passed": true}')  # tampered
+    _, reused = shared_calibrate(str(tmp_path), key, "fallback", measure)
+    assert not reused and calls == [1, 1]  # an incomplete file is not trusted: measured again

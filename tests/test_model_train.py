@@ -49,3 +49,43 @@ def test_scores_match_the_astromae_definitions():
     assert np.isclose(s["precision"], 1.48 * np.median(np.abs(dz - np.median(dz))))
     assert np.isclose(s["R2"], 1 - np.sum((zp - z) ** 2) / np.sum((z - z.mean()) ** 2))
     assert s["outlier_fraction"] == 0.25
+
+
+def _sha(path) -> str:
+    import hashlib
+
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def test_train_demo_writes_to_the_current_folder_by_default_never_into_the_package(tmp_path, monkeypatch):
+    """``cai model train-demo`` without ``--out``: ./astromae-demo-trained.safetensors; the shipped weights stay.
+    20 steps: the length whose 5% warm-up used to be zero steps long (ZeroDivisionError in the LR schedule)."""
+    from cosmicai.cli import main as cai
+    from cosmicai.models.registry import demo_weights_path
+
+    shipped = demo_weights_path()
+    before = _sha(shipped)
+    monkeypatch.chdir(tmp_path)
+    argv = ["model", "train-demo", "--n-train", "16", "--n-val", "4", "--chunk", "16", "--n-holdout", "4",
+            "--steps", "20", "--round-steps", "10", "--batch", "2", "--threads", "1", "--workers", "1",
+            "--cache", "data", "--workdir", "work", "--log-every", "10"]
+    assert cai(argv) == 0
+    out = tmp_path / "astromae-demo-trained.safetensors"
+    card = json.loads((tmp_path / "astromae-demo-trained.json").read_text())
+    assert out.stat().st_size > 1e6 and card["training"]["steps"] == 20 and len(card["history"]) == 2
+    assert np.isfinite(load_model("astromae", weights=str(out), threads=1).predict(
+        np.ones((2, 5, 32, 32), np.float32), np.full((2, 5), 18.0, np.float32))).all()
+    assert _sha(shipped) == before
+
+
+def test_train_demo_rejects_steps_that_are_not_positive_whole_numbers():
+    import subprocess
+    import sys
+
+    for bad in ("0", "-3", "1.5", "many"):
+        proc = subprocess.run([sys.executable, "-m", "cosmicai.cli", "model", "train-demo", "--steps", bad],
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.strip().splitlines() == [
+            f"cai: error: argument --steps: expected a whole number >= 1, got '{bad}' "
+            "(see `cai model train-demo --help`)"]

@@ -9,6 +9,7 @@ Training checkpoints every epoch to ``--workdir`` and resumes from there.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -16,6 +17,7 @@ import platform
 import sys
 import time
 from dataclasses import asdict
+from typing import Any
 
 import numpy as np
 
@@ -151,8 +153,7 @@ def train(args: argparse.Namespace) -> dict:
     opt = torch.optim.AdamW([
         {"params": [p for n, p in model.named_parameters() if is_decay[n]], "weight_decay": args.weight_decay},
         {"params": [p for n, p in model.named_parameters() if not is_decay[n]], "weight_decay": 0.0}], lr=args.lr)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps, pct_start=0.05,
-                                                anneal_strategy="cos", div_factor=20, final_div_factor=100)
+    sched = one_cycle(opt, args.lr, args.steps)
     ckpt = os.path.join(args.workdir, "checkpoint.pt")
     step, history, train_seconds = 0, [], 0.0
     if os.path.exists(ckpt) and not args.restart:
@@ -204,8 +205,10 @@ def train(args: argparse.Namespace) -> dict:
                     "step": step, "history": json.dumps(history), "seconds": train_seconds}, tmp)
         os.replace(tmp, ckpt)
     # fp16 weights; the held-out score goes through the public loader, i.e. exactly what users get
+    z_range = training_range(args, min(rounds, n_chunks), n_val)  # the chunks training saw
     blob = save_weights(model.net.state_dict(), norm, dtype=torch.float16,
-                        extra_meta={"model": "astromae", "trained_on": "synthetic galaxies (cosmicai.data.synth)"})
+                        extra_meta={"model": "astromae", "trained_on": TRAINED_ON, "caveat": CAVEAT,
+                                    "training_range": z_range})
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     tmp_out = args.out + ".tmp"
     with open(tmp_out, "wb") as f:
@@ -215,7 +218,8 @@ def train(args: argparse.Namespace) -> dict:
     assert ho["object_id"].min() >= args.n_train, "held-out ids overlap the training ids"
     pred = load_model("astromae", weights=args.out, threads=args.threads).predict(ho["images"], ho["magnitudes"])
     card = {
-        "name": "astromae-demo", "file": os.path.basename(args.out), "bytes": len(blob), "dtype": "float16",
+        "name": "astromae-demo", "file": os.path.basename(args.out), "bytes": len(blob),
+        "sha256": hashlib.sha256(blob).hexdigest(), "dtype": "float16",
         "n_params": count_params(model.net), "seed": args.seed,
         "command": getattr(args, "command_line", None) or "python -m cosmicai.training",
         "data": {"generator": "cosmicai.data.synth.synthesize", "seed": args.seed, "synth_sha256": _synth_sha(),
@@ -229,11 +233,31 @@ def train(args: argparse.Namespace) -> dict:
         "input_norm": asdict(norm), "holdout_scores": scores(pred, ho["redshift"]), "history": history,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "note": "Trained on synthetic galaxies for demos and tests; NOT the AstroMAE paper's SDSS weights.",
+        "trained_on": TRAINED_ON, "caveat": CAVEAT, "training_range": z_range,
     }
     with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
         json.dump(card, f, indent=1)
     print(json.dumps(card["holdout_scores"]), flush=True)
     return card
+
+
+#: What the demo weights' card and metadata say they were trained on, and the caveat every run report repeats.
+TRAINED_ON = "synthetic galaxies from cosmicai.data.synth, not real survey images"
+CAVEAT = ("trained on synthetic galaxies for demos and tests; not meant for real SDSS images (import the authors' "
+          "AstroMAE checkpoint with `cai model import-cai` for those)")
+
+
+def training_range(args: argparse.Namespace, n_chunks: int, n_val: int) -> dict[str, float]:
+    """``{"z_min", "z_max"}`` of the training labels (every training chunk less the first ``n_val`` monitor rows),
+    rounded outward to 4 decimals; read from the chunk caches (only their redshift arrays)."""
+    z = []
+    for k in range(n_chunks):
+        first, rows = chunk_ids(args.n_train, args.chunk)[k]
+        train_chunk(args, k)  # rendered and cached if it is not yet
+        with np.load(os.path.join(args.cache, f"train-s{args.seed}-{first}-{rows}.npz")) as f:
+            z.append(np.asarray(f["redshift"], dtype=np.float64))
+    labels = np.concatenate(z)[n_val:]
+    return {"z_min": math.floor(float(labels.min()) * 1e4) / 1e4, "z_max": math.ceil(float(labels.max()) * 1e4) / 1e4}
 
 
 def _synth_sha() -> str:
@@ -259,31 +283,77 @@ def _norm_images(model, x):
     return torch.asinh(x) if model.norm.image_asinh else x
 
 
+#: Where ``--out`` writes by default: the current folder, never the installed package's own demo weights.
+DEFAULT_OUT = "astromae-demo-trained.safetensors"
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """An argparse type: a whole number >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return value
+
+
+def one_cycle(opt: Any, lr: float, steps: int) -> Any:
+    """The one-cycle cosine LR schedule over ``steps`` (5% warm-up; at least one warm-up step, so short runs work).
+
+    torch's ``OneCycleLR`` divides by the length of each phase; phases of zero length (e.g. 20 steps at 5%)
+    divide by zero, and one or two steps leave no room for two phases: those get a constant LR.
+    """
+    import torch
+
+    if steps < 3:
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    pct_start = 0.05 if 0.05 * steps - 1 >= 1 else 2.0 / steps
+    return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=pct_start,
+                                               anneal_strategy="cos", div_factor=20, final_div_factor=100)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Training options (shared by ``cai model train-demo``)."""
-    from importlib import resources
-
-    demo_weights = str(resources.files("cosmicai.models").joinpath("weights", "astromae-demo.safetensors"))
-
-    p.add_argument("--n-train", type=int, default=16_000, help="training galaxies (ids 0..n-1)")
-    p.add_argument("--n-val", type=int, default=1_000, help="first training ids kept out and only monitored")
-    p.add_argument("--n-holdout", type=int, default=6_000, help=f"held-out galaxies (ids {HOLDOUT_FIRST_ID}..)")
-    p.add_argument("--chunk", type=int, default=4_000, help="galaxies per cached data chunk")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=450)
-    p.add_argument("--round-steps", type=int, default=75)
-    p.add_argument("--batch", type=int, default=96)
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--n-train", type=positive_int, default=16_000, help="training galaxies (ids 0..n-1)")
+    p.add_argument("--n-val", type=non_negative_int, default=1_000,
+                   help="first training ids kept out and only monitored")
+    p.add_argument("--n-holdout", type=positive_int, default=6_000,
+                   help=f"held-out galaxies (ids {HOLDOUT_FIRST_ID}..)")
+    p.add_argument("--chunk", type=positive_int, default=4_000, help="galaxies per cached data chunk")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the model's initial weights and of "
+                   "the batch order (the data are always synthesize(seed=0)); default 0")
+    p.add_argument("--steps", type=positive_int, default=450, help="AdamW steps in all (default 450)")
+    p.add_argument("--round-steps", type=positive_int, default=75,
+                   help="steps per round: a checkpoint is written and one more data chunk joins after each "
+                        "(default 75)")
+    p.add_argument("--batch", type=positive_int, default=96, help="galaxies per training step (default 96)")
+    p.add_argument("--lr", type=float, default=5e-4, help="peak learning rate of the one-cycle schedule "
+                   "(default 5e-4)")
+    p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (default 0.05)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast for the forward pass")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--workers", type=int, default=None, help="synthesis processes (default: all cores)")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="torch threads for training (default: torch's own, all cores)")
+    p.add_argument("--workers", type=positive_int, default=None, help="synthesis processes (default: all cores)")
     p.add_argument("--cache", default="scratch/model/data", help="folder for the rendered .npz data")
     p.add_argument("--workdir", default=DEFAULT_WORKDIR, help="checkpoint folder (resumed from)")
     p.add_argument("--restart", action="store_true", help="ignore an existing checkpoint")
     p.add_argument("--generate-only", action="store_true", help="only render the data into --cache")
-    p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--out", default=demo_weights, help="weights file to write")
+    p.add_argument("--log-every", type=positive_int, default=10, help="print the loss every N steps (default 10)")
+    p.add_argument("--out", default=DEFAULT_OUT,
+                   help=f"weights file to write, with its card (.json) beside it (default ./{DEFAULT_OUT}); the "
+                        "weights shipped with the package are replaced only when named here explicitly")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import signal
 import sys
@@ -130,6 +129,20 @@ def _task_device(tasks: list[dict]) -> str | None:
     return None
 
 
+def _needs_main(fn: Callable[..., Any], tasks: list[dict]) -> bool:
+    """Whether worker processes need the parent's ``__main__``: ``fn`` or the run's model is defined there.
+
+    Otherwise workers start without re-importing it (:func:`.lifetime.spawn_context`), so a script without an
+    ``if __name__ == "__main__":`` guard runs once."""
+    if getattr(fn, "__module__", None) == "__main__":
+        return True
+    for task in tasks[:1]:
+        config = (task.get("task") or {}).get("config") if isinstance(task, dict) else None
+        if isinstance(config, dict) and str(config.get("model") or "").startswith("__main__:"):
+            return True
+    return False
+
+
 def _stop(procs: list, grace_s: float = 2.0) -> None:
     """SIGTERM the pool's worker processes, then SIGKILL any still alive after ``grace_s``; reap them all."""
     for proc in procs:
@@ -205,6 +218,7 @@ class LocalBackend:
         self._gpus_for: str | None = None
         self._pool: ProcessPoolExecutor | None = None
         self._started: Any = None
+        self._needs_main = False  # the tasks run something defined in __main__: workers must re-import it
 
     def _setup_gpus(self, device: str) -> None:
         """A CUDA run: one worker per visible GPU by default; refuse more workers than GPUs; pin each worker."""
@@ -228,7 +242,9 @@ class LocalBackend:
             procs = max(1, min(self.workers, n_tasks))
             if not self._threads_given:  # fewer tasks than workers: give the idle cores to the processes started
                 self.threads = default_workers_threads(procs, None)[1]
-            ctx = multiprocessing.get_context("spawn")
+            from .lifetime import spawn_context
+
+            ctx = spawn_context(hide_main=not self._needs_main)
             gpus = None
             if self._gpus is not None and procs > 1:
                 gpus = ctx.Queue()
@@ -257,6 +273,8 @@ class LocalBackend:
         if self.in_process and not pool_for_timeout:
             yield from self._map_in_process(fn, tasks, timeouts)
             return
+        if self._pool is None:
+            self._needs_main = _needs_main(fn, tasks)
         queue = list(enumerate(tasks))
         rerun: set[int] = set()
         while queue:

@@ -32,26 +32,35 @@ def register(subparsers: Any) -> None:
     d.add_argument("--data-bucket", dest="data_bucket", help="bucket of the datasets; required")
     d.add_argument("--data-prefix", dest="data_prefix", help="datasets live under this key prefix; required")
     d.add_argument("--result-bucket", dest="result_bucket", help="bucket for run results; required")
-    d.add_argument("--result-prefix", default="cai-results", dest="result_prefix")
+    d.add_argument("--result-prefix", default="cai-results", dest="result_prefix",
+                   help="key prefix of run results in --result-bucket (default cai-results)")
     d.add_argument("--weights-bucket", dest="weights_bucket", help="a bucket of weights files runs may name "
                    "(default: weights only under the data location)")
     d.add_argument("--weights-prefix", default="", dest="weights_prefix", help="key prefix of --weights-bucket")
     d.add_argument("--allowed-models", default="", dest="allowed_models", metavar="NAMES",
                    help="comma-separated models runs may name besides the built-in ones and --model (plug-in "
                    "entry-point names or module:factory paths installed in the image)")
-    d.add_argument("--arch", choices=("x86_64", "arm64"), default="x86_64")
+    d.add_argument("--arch", choices=("x86_64", "arm64"), default="x86_64",
+                   help="Lambda CPU architecture of the image and functions (default x86_64)")
     d.add_argument("--memory", type=int, default=3008,
                    help=f"inference Lambda memory, MB ({MIN_MEMORY_MB}-{MAX_MEMORY_MB})")
     d.add_argument("--timeout", type=int, default=LAMBDA_TIMEOUT_S, help=f"Lambda timeout, s (max {LAMBDA_TIMEOUT_S})")
     d.add_argument("--ephemeral", type=int, default=MIN_EPHEMERAL_MB,
                    help=f"Lambda /tmp size, MB ({MIN_EPHEMERAL_MB}-{MAX_EPHEMERAL_MB})")
-    d.add_argument("--reserved-concurrency", type=int, default=0, dest="reserved_concurrency")
-    d.add_argument("--max-concurrency", type=int, default=100, dest="max_concurrency")
-    d.add_argument("--tolerated-failure-percentage", type=float, default=0.0, dest="tolerated_failure_percentage")
-    d.add_argument("--allow-failures", action="store_true", dest="allow_failures")
-    d.add_argument("--model", default="astromae-demo")
+    d.add_argument("--reserved-concurrency", type=int, default=0, dest="reserved_concurrency",
+                   help="reserved concurrency of the inference Lambda (default 0: none reserved, the "
+                        "account's pool)")
+    d.add_argument("--max-concurrency", type=int, default=100, dest="max_concurrency",
+                   help="default Distributed Map MaxConcurrency: ranks running at once (default 100)")
+    d.add_argument("--tolerated-failure-percentage", type=float, default=0.0, dest="tolerated_failure_percentage",
+                   help="default Distributed Map ToleratedFailurePercentage, 0-100, for ranks that fail "
+                        "outright (default 0)")
+    d.add_argument("--allow-failures", action="store_true", dest="allow_failures",
+                   help="runs with failed ranks succeed by default (summary.json names the failed ranks); "
+                        "without it such a run fails")
+    d.add_argument("--model", default="astromae-demo", help="default model of runs (default astromae-demo)")
     d.add_argument("--repository", default="cosmicai-lambda", help="ECR repository name")
-    d.add_argument("--tag", default="latest")
+    d.add_argument("--tag", default="latest", help="container image tag pushed to --repository (default latest)")
     d.add_argument("--account", help="AWS account id (default: looked up with aws sts)")
     d.add_argument("--print", action="store_true", dest="print_only", help="only print the commands")
     d.add_argument("--context", metavar="DIR", help="assemble the Docker build context in DIR (kept; it must not "
@@ -66,13 +75,16 @@ def register(subparsers: Any) -> None:
     r.add_argument("config", nargs="?", help="run config file/URL (native or the original CAI payload)")
     r.add_argument("--data", help="dataset URL (s3://bucket/prefix)")
     r.add_argument("--result", help="result URL (default: the stack's result location / execution name)")
-    r.add_argument("--model")
-    r.add_argument("--batch-size", type=int, dest="batch_size")
-    r.add_argument("--file-limit", type=int, dest="file_limit")
-    r.add_argument("--world-size", type=int, dest="world_size")
-    r.add_argument("--allow-failures", action="store_true", default=None, dest="allow_failures")
+    r.add_argument("--model", help="model name (default: the stack's)")
+    r.add_argument("--batch-size", type=int, dest="batch_size", help="images per model call (default 256)")
+    r.add_argument("--file-limit", type=int, dest="file_limit", help="use only the first N partitions")
+    r.add_argument("--world-size", type=int, dest="world_size",
+                   help="number of ranks, one Lambda each (default: one per partition)")
+    r.add_argument("--allow-failures", action="store_true", default=None, dest="allow_failures",
+                   help="succeed and summarize what finished even when ranks failed (default: the stack's)")
     r.add_argument("--max-concurrency", type=int, dest="max_concurrency", help="override the stack's default")
-    r.add_argument("--tolerated-failure-percentage", type=float, dest="tolerated_failure_percentage")
+    r.add_argument("--tolerated-failure-percentage", type=float, dest="tolerated_failure_percentage",
+                   help="override the stack's Distributed Map ToleratedFailurePercentage (0-100)")
     _target_args(r)
     r.add_argument("--name", help="execution name (default cai-<time>-<random>); also the result folder")
     r.add_argument("--upload", metavar="DIR", help="first copy this local dataset folder to --data")
@@ -82,7 +94,7 @@ def register(subparsers: Any) -> None:
     r.set_defaults(func=_one_line(cmd_run))
 
     s = sub.add_parser("status", help="status, Map progress and result of an execution")
-    s.add_argument("execution_arn")
+    s.add_argument("execution_arn", help="ARN of the execution (printed by `cai aws run`)")
     s.add_argument("--json", action="store_true", help="print the status as JSON")
     _common_args(s)
     s.set_defaults(func=_one_line(cmd_status))
@@ -94,7 +106,7 @@ def register(subparsers: Any) -> None:
     lg.add_argument("--since", default="1h", help="how far back: 30m, 2h, 1d, or an ISO time (default 1h)")
     lg.add_argument("--arch", choices=("x86_64", "arm64"), help="price table (default: the function's architecture)")
     lg.add_argument("--memory", type=int, help="price at this memory (MB) instead of each REPORT's Memory Size")
-    lg.add_argument("--json", action="store_true")
+    lg.add_argument("--json", action="store_true", help="print the cost table as JSON")
     _common_args(lg)
     lg.set_defaults(func=_one_line(cmd_logs))
     p.set_defaults(func=lambda a: (p.print_help(), 2)[1])
@@ -115,12 +127,13 @@ def _one_line(command: Callable[[argparse.Namespace], int]) -> Callable[[argpars
 
 def _common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--endpoint", help="AWS endpoint URL for every service (default AWS_ENDPOINT_URL or AWS)")
-    p.add_argument("--region")
+    p.add_argument("--region", help="AWS region (default AWS_REGION, AWS_DEFAULT_REGION or the profile's)")
 
 
 def _target_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stack", help="deployed stack name (its outputs give the state machine and result location)")
-    p.add_argument("--state-machine-arn", dest="state_machine_arn")
+    p.add_argument("--state-machine-arn", dest="state_machine_arn",
+                   help="the state machine to start, instead of --stack")
     _common_args(p)
 
 

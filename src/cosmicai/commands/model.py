@@ -24,9 +24,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.set_defaults(func=_train_demo)
 
     info = sub.add_parser("info", help="name, mode, engine, parameters and GFLOP per image of a model")
-    info.add_argument("--name", default="astromae-demo")
-    info.add_argument("--weights", default=None)
-    info.add_argument("--mode", default="exact", choices=("exact", "fast"))
+    info.add_argument("--name", default="astromae-demo",
+                      help="model name: astromae-demo (default), astromae, or a plug-in (entry point or "
+                           "package.module:factory)")
+    info.add_argument("--weights", default=None,
+                      help="weights URL (safetensors); default: the model's own (the demo weights for "
+                           "astromae-demo)")
+    info.add_argument("--mode", default="exact", choices=("exact", "fast"),
+                      help="exact (default, fp32) or fast (the ViT blocks in int8)")
     info.add_argument("--engine", default=None, choices=("auto", "torch", "onnxruntime"),
                       help="default: $CAI_ENGINE or auto (ONNX Runtime for AstroMAE on CPU)")
     info.set_defaults(func=_info)

@@ -23,16 +23,20 @@ def register(subparsers: Any) -> None:
     p.add_argument("--result", help="result URL for plan.json, ranks/, predictions/ and the summary")
     p.add_argument("--model", help="model name (default astromae-demo)")
     p.add_argument("--weights", help="weights URL (safetensors) for the model")
-    p.add_argument("--batch-size", type=int, dest="batch_size")
+    p.add_argument("--batch-size", type=int, dest="batch_size",
+                   help="images per model call (default 256); lower it when a worker runs out of memory")
     p.add_argument("--file-limit", type=int, dest="file_limit", help="use only the first N partitions")
     p.add_argument("--world-size", type=int, dest="world_size", help="number of ranks (default: one per partition)")
-    p.add_argument("--mode", choices=("exact", "fast"))
+    p.add_argument("--mode", choices=("exact", "fast"),
+                   help="exact (default): fp32; fast: the ViT blocks in int8, checked against exact first "
+                        "(see --fast-guard)")
     p.add_argument("--fast-guard", choices=("fallback", "strict", "off"), dest="fast_guard",
                    help="fast mode only: compare fast and exact on 256 rows first; over |dz| 2e-3 'fallback' "
                         "(default) predicts in exact mode, 'strict' refuses, 'off' skips the check")
     p.add_argument("--device", help="cpu, cuda, cuda:N (default cpu)")
     p.add_argument("--workers", type=int, help="local worker processes (default: the cores)")
-    p.add_argument("--threads", type=int, help="torch threads per worker (default: cores // workers)")
+    p.add_argument("--threads", type=int, help="compute threads per worker process, for ONNX Runtime or torch "
+                                               "(default: cores // workers)")
     p.add_argument("--backend", help="local (default), dask, or a registered backend (entry point group "
                                       "cosmicai.backends; see docs/architecture.md)")
     p.add_argument("--scheduler", help="Dask scheduler address (with --backend dask)")
@@ -61,14 +65,16 @@ def register(subparsers: Any) -> None:
     d = subparsers.add_parser("demo", help="synthesise ~10,000 galaxies and run the demo model on them",
                               description="Synthesise SDSS-like galaxies, split them into native partitions "
                               "with a manifest, run the demo model over them locally and print the report.")
-    d.add_argument("--galaxies", type=int, default=10_000)
+    d.add_argument("--galaxies", type=int, default=10_000, help="galaxies to synthesise (default 10,000)")
     d.add_argument("--out", default="cai-demo", help="output folder (default ./cai-demo)")
     d.add_argument("--partition-size", default="25MB", dest="partition_size", help="e.g. 25MB, 500KB")
     d.add_argument("--workers", type=int, help="local worker processes (default: the cores)")
-    d.add_argument("--threads", type=int, help="torch threads per worker")
-    d.add_argument("--model", default="astromae-demo")
-    d.add_argument("--batch-size", type=int, default=256, dest="batch_size")
-    d.add_argument("--seed", type=int, default=DEMO_SEED)
+    d.add_argument("--threads", type=int, help="compute threads per worker process (default: cores // workers)")
+    d.add_argument("--model", default="astromae-demo", help="model name (default astromae-demo)")
+    d.add_argument("--batch-size", type=int, default=256, dest="batch_size",
+                   help="images per model call (default 256)")
+    d.add_argument("--seed", type=int, default=DEMO_SEED,
+                   help=f"random seed of the synthetic galaxies (default {DEMO_SEED})")
     d.add_argument("--quiet", action="store_true", help="no progress bar")
     d.set_defaults(func=cmd_demo)
 

@@ -19,7 +19,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "Sizes use binary units (1 GB = 1024 MB), as the original did.")
     p.add_argument("--data-size", help="dataset size, e.g. 12.6GB or 1TB")
     p.add_argument("--samples", type=int, help="dataset size as a number of galaxies (20,524 bytes each)")
-    p.add_argument("--goal", choices=("time", "cost"), default="time")
+    p.add_argument("--goal", choices=("time", "cost"), default="time",
+                   help="recommend the fastest option (time, default) or the cheapest (cost)")
     p.add_argument("--max-time", type=float, help="with --goal cost: only options finishing within this many s")
     speed = p.add_argument_group(
         "cold start and speed",
@@ -61,15 +62,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--partition-sizes", nargs="+", metavar="SIZE", help="partition sizes to try, e.g. 25MB 100MB")
     p.add_argument("--account-concurrency", type=int, default=None,
                    help=f"the account's Lambda concurrency limit (default {LAMBDA_ACCOUNT_CONCURRENCY})")
-    p.add_argument("--arch", choices=("x86_64", "arm64"), default="x86_64")
+    p.add_argument("--arch", choices=("x86_64", "arm64"), default="x86_64",
+                   help="Lambda architecture priced (default x86_64)")
     p.add_argument("--seeds", type=int, default=1, help="simulations averaged per option")
     p.add_argument("--top", type=int, default=10, help="options listed")
     p.add_argument("--json", metavar="PATH", help="also write the full plan as JSON")
     p.add_argument("--calibrate", action="store_true",
                    help="print the simulator's predicted vs published table instead of a plan")
     p.add_argument("--fit", action="store_true", help="with --calibrate: refit the parameters first (minutes)")
-    p.add_argument("--reference", help="published CAI results folder (default $CAI_REFERENCE_DIR or "
-                                       "../shared/reference/cai)")
+    p.add_argument("--reference", help="the published CAI results folder (default $CAI_REFERENCE_DIR)")
     p.set_defaults(func=cmd_plan)
 
 
@@ -152,6 +153,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
         published = calibrate.published_figures(data_bytes, args.reference, arch=args.arch)
         if published:
             print(calibrate.format_published(published))
+        elif calibrate.reference_dir(args.reference) is None:
+            print("published: only the paper's 12.6 GB run is built in; for the other published runs (1-12.6 GB, "
+                  "100 GB, 983 GB, 1000 GB) set $CAI_REFERENCE_DIR or --reference to the published CAI results "
+                  "folder")
         else:
             print("published: no published run of this size (published sizes: 1-12.6 GB, 100 GB, 983 GB, 1000 GB)")
         out = result.to_dict()

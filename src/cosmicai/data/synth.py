@@ -243,8 +243,8 @@ def iter_synthesize(n: int, seed: int = 0, chunk: int = 10_000, workers: int | N
 
     ``workers`` processes (spawn start method; default every core, 1 renders in this process) each
     render blocks of galaxies; the rows come back in object-id order and are identical for any worker
-    count. Object ids run from ``first_id`` to ``first_id + n - 1``. With ``workers > 1`` a calling
-    script needs the usual ``if __name__ == "__main__":`` guard (spawned workers re-import it).
+    count. Object ids run from ``first_id`` to ``first_id + n - 1``. The worker processes do not re-import the
+    calling script, so it needs no ``if __name__ == "__main__":`` guard.
     """
     n = _check_int("n", n, 0)
     seed = _check_int("seed", seed, 0)
@@ -272,9 +272,10 @@ def _generate(n: int, seed: int, chunk: int, workers: int, first_id: int, progre
     pool = None
     try:
         if workers > 1 and len(tasks) > 1:
-            import multiprocessing
+            from ..backends.lifetime import spawn_context
 
-            pool = multiprocessing.get_context("spawn").Pool(min(workers, len(tasks)), _init_worker, (tab,))
+            # workers start without re-importing the caller's script: no main guard needed
+            pool = spawn_context().Pool(min(workers, len(tasks)), _init_worker, (tab,))
             results = _ordered(pool, tasks, window=4 * workers)
         else:
             results = (_render_range(t, tab) for t in tasks)

@@ -5,13 +5,22 @@ Fast mode's error depends on the weights: 9e-6 with the demo weights, but 8e-3 (
 (torch int8) with random ones. The guard measures max |dz| = max |z_fast - z_exact| / (1 + z_exact) on
 ``CALIBRATION_ROWS`` finite rows. Over :data:`FAST_TOLERANCE`, policy ``fallback`` (the default) warns and predicts
 in exact mode instead, ``strict`` refuses the run, ``off`` skips the check (recorded as unchecked).
+
+Once per run (:func:`shared_calibrate`): the first worker process to measure stores the outcome under the run's
+result folder (``fast_check/<key>.json``); every later worker process whose key matches (same model, weights
+sha256, engine and versions, device, CPU features, dataset) reads it instead of loading the exact model and
+predicting twice. Workers on another CPU (a different Lambda or cluster node type) measure for themselves.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import platform
 import time
+import warnings
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -22,6 +31,10 @@ FAST_TOLERANCE = 2e-3
 #: Rows of the first partition a worker uses to calibrate.
 CALIBRATION_ROWS = 256
 POLICIES = ("fallback", "strict", "off")
+#: Folder of the shared fast-mode checks under a run's result path.
+SHARED_DIR = "fast_check"
+#: Largest shared-check file read back (it holds a few numbers).
+SHARED_MAX_BYTES = 64 * 1024
 
 
 @dataclass
@@ -66,11 +79,119 @@ def calibrate(fast: Any, exact: Any, images: np.ndarray, magnitudes: np.ndarray,
     seconds = time.perf_counter() - t0 + load_seconds
     check = FastCheck(rows=int(len(images)), max_dz=dz, tolerance=tolerance, policy=policy, passed=passed,
                       mode_used="fast" if passed else "exact", seconds=seconds, sample=sample)
-    if not passed and policy == "strict":
-        raise ModelError(f"fast mode deviates from exact mode by max |dz| {dz:.2e} on {check.rows} rows of "
-                         f"{sample}, over the tolerance {tolerance:g} for these weights; run with --mode exact, or "
-                         "--fast-guard fallback to predict in exact mode automatically")
+    return enforce(check)
+
+
+def enforce(check: FastCheck) -> FastCheck:
+    """``check``, or ModelError when it failed under policy ``strict``."""
+    if not check.passed and check.policy == "strict":
+        raise ModelError(f"fast mode deviates from exact mode by max |dz| {check.max_dz:.2e} on {check.rows} rows "
+                         f"of {check.sample}, over the tolerance {check.tolerance:g} for these weights; run with "
+                         "--mode exact, or --fast-guard fallback to predict in exact mode automatically")
     return check
+
+
+def cpu_features() -> str:
+    """A short digest of this CPU's model and instruction-set flags (int8 kernels depend on them)."""
+    text = f"{platform.machine()} {platform.processor()}"
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                name, _, value = line.partition(":")
+                if name.strip() in ("model name", "flags", "Features", "CPU implementer", "CPU part"):
+                    text += f"|{name.strip()}:{' '.join(sorted(value.split()))}"
+                if name.strip() in ("flags", "Features"):
+                    break  # the first processor's description is enough
+    except OSError:
+        pass
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _versions() -> dict[str, str]:
+    """Installed versions of the inference libraries (whether or not this process has imported them yet)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in ("onnxruntime", "torch", "numpy"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return found
+
+
+def shared_key(model: str, weights_sha256: str | None, engine: str, device: str, data: str = "",
+               tolerance: float = FAST_TOLERANCE, rows: int = CALIBRATION_ROWS) -> str | None:
+    """The key under which a check is shared by worker processes of one run; None (not shared) when the weights'
+    sha256 is unknown or the device is not the CPU (a GPU's numbers are its own)."""
+    if not weights_sha256 or not str(device).startswith("cpu"):
+        return None
+    parts = [model, weights_sha256, engine, str(device), data, repr(tolerance), rows, cpu_features(), _versions()]
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _shared_url(result_url: str, key: str) -> str:
+    from .. import storage
+
+    return storage.join(result_url, SHARED_DIR, f"{key}.json")
+
+
+def load_shared(result_url: str, key: str, policy: str) -> FastCheck | None:
+    """The check stored by another worker process of this run under ``key`` (None if absent or unreadable), with
+    this worker's ``policy`` applied (ModelError under ``strict`` when it failed)."""
+    from .. import storage
+    from ..errors import CaiError
+
+    url = _shared_url(result_url, key)
+    try:
+        size = storage.size(url)
+        if size is None or size > SHARED_MAX_BYTES:
+            return None
+        stored = json.loads(storage.read_bytes(url))
+        check = FastCheck(rows=int(stored["rows"]), max_dz=float(stored["max_dz"]),
+                          tolerance=float(stored["tolerance"]), policy=policy, passed=bool(stored["passed"]),
+                          mode_used="fast" if stored["passed"] else "exact", seconds=0.0,
+                          sample=str(stored["sample"]))
+    except (CaiError, OSError, ValueError, KeyError, TypeError):
+        return None
+    if stored.get("key") != key or check.passed != (check.max_dz <= check.tolerance):
+        return None
+    return enforce(check)
+
+
+def save_shared(result_url: str, key: str, check: FastCheck) -> None:
+    """Store ``check`` for the other worker processes of this run (atomically; a failure only costs them a
+    measurement of their own)."""
+    from .. import storage
+    from ..errors import CaiError
+
+    try:
+        storage.write_json(_shared_url(result_url, key), {**check.to_dict(), "key": key,
+                                                          "cpu_features": cpu_features(), "versions": _versions()})
+    except (CaiError, OSError) as exc:
+        warnings.warn(f"fast-mode check not shared with the run's other workers: {exc}", RuntimeWarning,
+                      stacklevel=2)
+
+
+def shared_calibrate(result_url: str | None, key: str | None, policy: str,
+                     measure: Callable[[], FastCheck]) -> tuple[FastCheck, bool]:
+    """``(check, reused)`` under ``policy``: the check another worker process of this run stored under ``key``,
+    else ``measure()`` (a :func:`calibrate` call with policy ``fallback``, which never raises), stored for the
+    others, failed or not. Without ``result_url`` or ``key`` it only measures. ModelError under ``strict`` when
+    the check failed. A reused check's ``seconds`` is the time spent reading it."""
+    if policy not in POLICIES:
+        raise ModelError(f"fast_guard '{policy}' is not known; choose one of {', '.join(POLICIES)}")
+    if result_url and key:
+        t0 = time.perf_counter()
+        found = load_shared(result_url, key, policy)
+        if found is not None:
+            found.seconds = time.perf_counter() - t0
+            return found, True
+    check = measure()
+    check.policy = policy
+    if result_url and key:
+        save_shared(result_url, key, check)
+    return enforce(check), False
 
 
 def unchecked(policy: str = "off") -> FastCheck:

@@ -127,12 +127,13 @@ def checked_model(cfg: dict[str, Any], fast: Any, first: Any, sample: str, untru
     of range may make any two engines disagree); when they disagree beyond the tolerance the exact
     predictor is returned (policy ``fallback``) or ModelError raised (``strict``). A later task of the same
     process reuses the measurement and records that it paid nothing for it."""
-    from ..models.guard import CALIBRATION_ROWS, calibrate, unchecked
+    from ..models.guard import CALIBRATION_ROWS, calibrate, shared_calibrate, shared_key, unchecked
 
     policy = cfg.get("fast_guard") or "fallback"
     key = (cfg["model"], cfg.get("weights"), cfg.get("weights_sha256"), cfg["device"], _WORKER_THREADS, policy)
     check = _FAST_CHECKS.get(key)
     reused = check is not None
+    shared = False
     if check is None and policy == "off":
         check = unchecked()
     elif check is None:
@@ -140,9 +141,16 @@ def checked_model(cfg: dict[str, Any], fast: Any, first: Any, sample: str, untru
         if keep is not None and keep.size:
             first = first.take(keep)
         images, mags = first.images, first.magnitudes  # non-finite rows come back NaN and are not compared
-        exact, _, exact_load = _model_for(cfg, "exact")
-        check = calibrate(fast, exact, images, mags, policy=policy, sample=sample,
-                          batch_size=int(cfg["batch_size"]), load_seconds=exact_load)
+
+        def measure() -> Any:
+            exact, _, exact_load = _model_for(cfg, "exact")
+            return calibrate(fast, exact, images, mags, policy="fallback", sample=sample,
+                             batch_size=int(cfg["batch_size"]), load_seconds=exact_load)
+
+        # once per run: a check another worker process of this run stored (same weights, engine, CPU) is reused
+        check, shared = shared_calibrate(cfg.get("result"), shared_key(
+            cfg["model"], cfg.get("weights_sha256"), str(getattr(fast, "engine", "")), cfg["device"],
+            str(cfg.get("data") or "")), policy, measure)
         if check.passed:  # the exact model is not needed any more
             _MODELS.pop(_model_key(cfg["model"], cfg.get("weights"), cfg["device"], "exact"), None)
         else:
@@ -153,8 +161,23 @@ def checked_model(cfg: dict[str, Any], fast: Any, first: Any, sample: str, untru
     record = check.to_dict()
     if reused:
         record.update(seconds=0.0, measured_by_earlier_task=True)
+    elif shared:
+        record.update(measured_by_other_worker=True)
     predictor = _model_for(cfg, "exact")[0] if check.mode_used == "exact" else fast
     return predictor, record
+
+
+def check_fast_once(plan: Plan, rank: int) -> None:
+    """Measure the fast-mode check here, on ``rank``'s first partition, and store it for the run, so worker
+    processes that start together reuse it (:func:`checked_model`) instead of each paying for it."""
+    cfg = plan.config
+    if cfg.get("mode") != "fast" or (cfg.get("fast_guard") or "fallback") == "off" or not plan.tasks.get(rank):
+        return
+    part = plan.tasks[rank][0]
+    data, _, _, masks = _fetch_checked(part, bool(cfg.get("drop_nonfinite")))
+    if len(data):
+        checked_model(cfg, _model_for(cfg, "fast")[0], data, part["name"], untrusted=masks[0] | masks[1])
+    clear_model_cache()  # the workers load their own
 
 
 def _now() -> str:

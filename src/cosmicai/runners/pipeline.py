@@ -11,7 +11,7 @@ from typing import Any
 from .. import storage
 from ..config import URL_FIELDS, RunConfig, canonical_url, parse_task_timeout
 from ..errors import CaiError
-from ..pipeline.infer import done_ranks, record_failure, run_task
+from ..pipeline.infer import check_fast_once, done_ranks, record_failure, run_task
 from ..pipeline.lease import Lease, describe
 from ..results import PLAN_NAME, RUN_NAME, SUMMARY_NAME
 from ..pipeline.plan import make_plan, plan_contents
@@ -153,6 +153,11 @@ def _run_leased(config: RunConfig, backend: Any, progress: bool, report: bool | 
     if todo:
         from ..backends.base import TaskTimeouts, accepts_timeouts
 
+        if config.mode == "fast" and config.backend == "local" and len(todo) > 1:
+            try:  # once per run, before the pool's workers start together
+                check_fast_once(plan, todo[0]["rank"])
+            except (CaiError, OSError):
+                pass  # the ranks meet the same problem and report it by name
         backend = backend or _make_backend(config)
         bar = _progress_bar(plan, todo) if progress else None
         timeouts = TaskTimeouts(config.task_timeout)
