@@ -19,18 +19,7 @@ import statistics
 import tempfile
 import time
 
-
-def _cpu() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
+from cosmicai.pipeline.infer import _cpu_model
 
 
 def _worker(job: tuple[str, str, int, str]) -> dict:
@@ -85,7 +74,7 @@ def main() -> None:
             with spawn_context(hide_main=False).Pool(workers) as pool:  # fresh processes: nothing cached between waves
                 out = pool.map(_worker, [(how, data_path, args.threads, result)] * workers)
             rows.append((wave, out))
-    print(f"CPU: {_cpu()} ({os.cpu_count()} cores); {args.workers} worker process(es) x {args.threads} thread(s); "
+    print(f"CPU: {_cpu_model()} ({os.cpu_count()} cores); {args.workers} worker process(es) x {args.threads} thread(s); "
           f"{args.rows} calibration rows; demo weights")
     print("| check | processes | seconds per process (mean, max) | reused | mode used | max dz |")
     print("|---|---|---|---|---|---|")

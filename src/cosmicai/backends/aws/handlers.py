@@ -36,12 +36,13 @@ _INVOCATIONS = 0
 AWS_OPTIONS = ("max_concurrency", "tolerated_failure_percentage")
 
 
-def _env_int(name: str, default: int) -> int:
+def _env_number(name: str, default: Any, kind: type = int) -> Any:
     raw = os.environ.get(name, "")
     try:
-        return int(raw) if raw.strip() else default
+        return kind(raw) if raw.strip() else default
     except ValueError as exc:
-        raise ConfigError(f"environment {name}={raw!r} is not an integer") from exc
+        what = "an integer" if kind is int else "a number"
+        raise ConfigError(f"environment {name}={raw!r} is not {what}") from exc
 
 
 def _env_bool(name: str, default: bool) -> bool:
@@ -57,7 +58,7 @@ def warm_model() -> float | None:
     from ...pipeline.infer import configure_worker, get_model
 
     if os.environ.get("CAI_THREADS"):
-        configure_worker(_env_int("CAI_THREADS", 1))
+        configure_worker(_env_number("CAI_THREADS", 1))
     _, _, seconds = get_model(name, os.environ.get("CAI_WEIGHTS") or None, "cpu", os.environ.get("CAI_MODE", "exact"))
     return seconds
 
@@ -88,19 +89,13 @@ def _map_settings(options: dict[str, Any]) -> tuple[int, float]:
     """(MaxConcurrency, ToleratedFailurePercentage) of the run: its 'aws' options, else the stack's defaults."""
     from .limits import MAP_MAX_CHILDREN
 
-    concurrency = options["max_concurrency"] if "max_concurrency" in options else _env_int("CAI_MAX_CONCURRENCY", 0)
+    concurrency = options["max_concurrency"] if "max_concurrency" in options else _env_number("CAI_MAX_CONCURRENCY", 0)
     percent = options.get("tolerated_failure_percentage",
-                          _env_float("CAI_TOLERATED_FAILURE_PERCENTAGE", 0.0))
+                          _env_number("CAI_TOLERATED_FAILURE_PERCENTAGE", 0.0, float))
     return (trust.integer_option(concurrency, "aws.max_concurrency", 0, MAP_MAX_CHILDREN),
             trust.number_option(percent, "aws.tolerated_failure_percentage", 0.0, 100.0))
 
 
-def _env_float(name: str, default: float) -> float:
-    raw = os.environ.get(name, "")
-    try:
-        return float(raw) if raw.strip() else default
-    except ValueError as exc:
-        raise ConfigError(f"environment {name}={raw!r} is not a number") from exc
 
 
 def initialize(event: Any, context: Any = None) -> dict[str, Any]:
