@@ -59,7 +59,7 @@ def main() -> None:
 
     import numpy as np
 
-    from cosmicai.backends.lifetime import spawn_context
+    from cosmicai.processes import spawn_context
     from cosmicai.data.synth import synthesize
 
     with tempfile.TemporaryDirectory() as tmp:

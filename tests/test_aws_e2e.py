@@ -156,7 +156,7 @@ def test_failing_partition_is_retried_then_caught_and_named(stack, tiny_dataset,
     rank2 = [c for c in calls if c["event"].get("rank") == 2]
     # 1 attempt + 2 retries (States.TaskFailed, MaxAttempts 2), then the Catch's record_failure call.
     assert [(c["event"].get("action"), c["ok"], c["error"]) for c in rank2] == \
-        [(None, False, "DataError")] * 3 + [("record_failure", True, None)]
+        [(None, False, "DamagedPartitionError")] * 3 + [("record_failure", True, None)]
     assert all(c["ok"] for c in calls if c["event"].get("rank") != 2)
 
     summary = storage.read_json(f"{result}/summary.json")

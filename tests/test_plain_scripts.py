@@ -145,7 +145,7 @@ def test_synthesize_with_worker_pool_from_plain_script(tmp_path):
 
 
 def test_main_hidden_restores_main_module():
-    from cosmicai.backends.lifetime import main_hidden
+    from cosmicai.processes import main_hidden
 
     main = sys.modules["__main__"]
     had_file, file, spec = hasattr(main, "__file__"), getattr(main, "__file__", None), main.__spec__

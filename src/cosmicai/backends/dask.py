@@ -33,7 +33,7 @@ from distributed.diagnostics.plugin import WorkerPlugin
 from ..errors import ConfigError
 from ..storage import S3_CLIENT_VARS
 from .env import THREAD_VARS, gpu_ids
-from .lifetime import main_hidden
+from ..processes import main_hidden
 
 
 def worker_index(name: Any) -> int | None:
@@ -124,7 +124,7 @@ class DaskBackend:
             if threads is None:
                 threads = max(1, cpu // workers)
             env = {var: str(threads) for var in THREAD_VARS}
-            with main_hidden():  # workers start without re-running the caller's script (see .lifetime)
+            with main_hidden():  # workers start without re-running the caller's script (see cosmicai.processes)
                 cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, env=env,
                                        dashboard_address=dashboard, resources={"GPU": 1} if cuda else None,
                                        silence_logs=logging.CRITICAL, **kwargs)

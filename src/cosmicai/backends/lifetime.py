@@ -19,11 +19,7 @@ Parent side (:func:`sigterm_as_interrupt`): SIGTERM raises :class:`Terminated`, 
 workers, completed ranks are kept, a rerun resumes them. The handler is one-shot: a second SIGTERM during the
 clean-up ends the process at once (and its workers follow it through the guards above).
 
-Starting workers (:func:`main_hidden`, :func:`spawn_context`): a process started with the ``spawn`` method
-normally re-imports the parent's ``__main__`` (the user's script) before it runs anything, so a script that calls
-``cosmicai.run()`` without an ``if __name__ == "__main__":`` guard would start the run again in every worker. Our
-workers run functions of cosmicai modules and need nothing from ``__main__``, so the processes we start are given
-none: ``sys.path`` and the working directory still travel, so plug-ins (``module:factory``) import as before.
+Starting workers without running the user's script again is :mod:`cosmicai.processes`.
 """
 
 from __future__ import annotations
@@ -35,8 +31,7 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
-from multiprocessing.context import SpawnContext, SpawnProcess
-from typing import Any, Iterator
+from typing import Iterator
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 #: How often the watchdog checks the parent, in seconds.
@@ -148,58 +143,3 @@ def sigterm_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
-
-
-_main_lock = threading.RLock()
-
-
-@contextmanager
-def main_hidden() -> Iterator[None]:
-    """While inside, processes started with the ``spawn`` method do not re-import this program's ``__main__``.
-
-    ``multiprocessing`` tells a spawned child to re-run the main script (``__main__.__file__``) or module
-    (``__main__.__spec__``); both are hidden while inside and put back on exit. Use it around code that starts
-    processes whose work lives in importable modules (a Dask ``LocalCluster``); :func:`spawn_context` does it for
-    every process a pool starts, later replacements included. Nothing changes for an interactive session or a
-    notebook, whose ``__main__`` has neither.
-    """
-    main = sys.modules.get("__main__")
-    with _main_lock:  # one thread at a time, so a nested or concurrent use never restores a hidden value
-        if main is None:
-            yield
-            return
-        had_file, file = hasattr(main, "__file__"), getattr(main, "__file__", None)
-        had_spec, spec = hasattr(main, "__spec__"), getattr(main, "__spec__", None)
-        try:
-            if had_file:
-                del main.__file__
-            main.__spec__ = None
-            yield
-        finally:
-            if had_file:
-                main.__file__ = file
-            if had_spec:
-                main.__spec__ = spec
-            else:
-                del main.__spec__
-
-
-class _NoMainProcess(SpawnProcess):
-    """A spawned process that does not re-import the parent's ``__main__`` (see :func:`main_hidden`)."""
-
-    def start(self) -> None:
-        with main_hidden():
-            super().start()
-
-
-class _NoMainSpawnContext(SpawnContext):
-    Process = _NoMainProcess
-
-
-def spawn_context(hide_main: bool = True) -> Any:
-    """The ``spawn`` multiprocessing context for worker pools; with ``hide_main`` (the default) its processes do
-    not re-import ``__main__``, so a plain script (no ``if __name__ == "__main__":`` guard) that starts a pool
-    runs once. Pass ``hide_main=False`` when the workers run functions defined in ``__main__``."""
-    import multiprocessing
-
-    return _NoMainSpawnContext() if hide_main else multiprocessing.get_context("spawn")

@@ -132,7 +132,7 @@ def _task_device(tasks: list[dict]) -> str | None:
 def _needs_main(fn: Callable[..., Any], tasks: list[dict]) -> bool:
     """Whether worker processes need the parent's ``__main__``: ``fn`` or the run's model is defined there.
 
-    Otherwise workers start without re-importing it (:func:`.lifetime.spawn_context`), so a script without an
+    Otherwise workers start without re-importing it (:func:`cosmicai.processes.spawn_context`), so a script without an
     ``if __name__ == "__main__":`` guard runs once."""
     if getattr(fn, "__module__", None) == "__main__":
         return True
@@ -242,7 +242,7 @@ class LocalBackend:
             procs = max(1, min(self.workers, n_tasks))
             if not self._threads_given:  # fewer tasks than workers: give the idle cores to the processes started
                 self.threads = default_workers_threads(procs, None)[1]
-            from .lifetime import spawn_context
+            from ..processes import spawn_context
 
             ctx = spawn_context(hide_main=not self._needs_main)
             gpus = None

@@ -272,7 +272,7 @@ def _generate(n: int, seed: int, chunk: int, workers: int, first_id: int, progre
     pool = None
     try:
         if workers > 1 and len(tasks) > 1:
-            from ..backends.lifetime import spawn_context
+            from ..processes import spawn_context
 
             # workers start without re-importing the caller's script: no main guard needed
             pool = spawn_context().Pool(min(workers, len(tasks)), _init_worker, (tab,))
