@@ -216,6 +216,12 @@ def test_run_on_convertible_input_names_the_convert_command(tmp_path, galaxies, 
     assert main(["run", "--data", str(cut), "--result", str(out), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--catalog CATALOG --out DATASET" in err
+    # the same folder or file given where the run config goes
+    for given in (str(cut), str(tmp_path / "d.npz")):
+        assert main(["run", given, "--result", str(out), "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "cai data convert" in err and "give data with --data" in err, err
+    assert not out.exists()
     with pytest.raises(DataError, match="empty dataset"):
         (tmp_path / "empty").mkdir()
         list_partitions(str(tmp_path / "empty"))

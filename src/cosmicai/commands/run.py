@@ -101,6 +101,13 @@ def cmd_run(args: argparse.Namespace) -> int:
             "device",
             "workers", "threads", "backend", "scheduler", "endpoint", "allow_failures", "overwrite", "break_lease",
             "allow_unsafe_lease", "task_timeout", "drop_nonfinite", "prefetch", "bucket_root")
+    if args.config and not args.config.lower().endswith((".json", ".yaml", ".yml")):
+        from ..data.partition import convert_hint
+        from ..errors import DataError
+
+        hint = convert_hint(args.config)  # data given where the run config goes: name the command that fits
+        if hint:
+            raise DataError(f"{hint} (a run config is a .json or .yaml file; give data with --data)")
     config, unused = load_config(args.config, **{k: getattr(args, k) for k in keys})
     if unused:
         print(f"cai: note: {args.config}: not used by cosmicai: {', '.join(unused)}", file=sys.stderr)
