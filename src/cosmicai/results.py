@@ -44,10 +44,12 @@ SUMMARY_NAME = "summary.json"
 RANKS_DIR = "ranks"
 PREDICTIONS_DIR = "predictions"
 ERRORS_DIR = "errors"
+#: The fast-mode check, measured once per run and shared by its workers (keyed by weights, engine and CPU).
+FAST_CHECK_DIR = "fast_check"
 
 #: Files a run writes at its top level, and its per-rank folders (``--overwrite`` clears exactly these).
 RESULT_FILES = (PLAN_NAME, PLAN_HASH_NAME, TASK_DIGESTS_NAME, TASKS_NAME, RUN_NAME, COMBINED_NAME, PREDICTIONS_NAME, SUMMARY_NAME)
-RESULT_DIRS = (RANKS_DIR, PREDICTIONS_DIR, ERRORS_DIR)
+RESULT_DIRS = (RANKS_DIR, PREDICTIONS_DIR, ERRORS_DIR, FAST_CHECK_DIR)
 
 #: Columns of the predictions files, in this order (z_true only when the data has redshifts); the catalogue
 #: columns a dataset carries (ra, dec, survey ids...) follow them. ``flag`` rows (untrusted inputs) are not scored;
@@ -176,19 +178,73 @@ class Summary(TypedDict, total=False):
     metrics: dict[str, Any] | None
 
 
+class RunFolder:
+    """Every path of one run, under its result URL: the only place a run's file names are joined to it.
+
+    ``RunFolder(url).summary`` is ``<url>/summary.json``; ``record(rank)``, ``prediction(rank)`` and ``error(rank)``
+    are the per-rank files. Paths only: reading and writing stay with their owners (plan, infer, summarize, the
+    runner, the lease).
+    """
+
+    def __init__(self, url: str):
+        self.url = url
+
+    def __repr__(self) -> str:
+        return f"RunFolder({self.url!r})"
+
+    def _file(self, name: str) -> str:
+        return storage.join(self.url, name)
+
+    plan = property(lambda self: self._file(PLAN_NAME), doc="plan.json")
+    plan_hash = property(lambda self: self._file(PLAN_HASH_NAME), doc="plan_hash.json")
+    tasks = property(lambda self: self._file(TASKS_NAME), doc="tasks.json: the backend's task items")
+    task_digests = property(lambda self: self._file(TASK_DIGESTS_NAME), doc="task_digests.txt")
+    lease = property(lambda self: self._file(LEASE_NAME), doc="lease.json")
+    run = property(lambda self: self._file(RUN_NAME), doc="run.json: the driver's stage timings")
+    combined = property(lambda self: self._file(COMBINED_NAME), doc="combined_data.json")
+    predictions = property(lambda self: self._file(PREDICTIONS_NAME), doc="predictions.parquet")
+    summary = property(lambda self: self._file(SUMMARY_NAME), doc="summary.json")
+    ranks_dir = property(lambda self: self._file(RANKS_DIR), doc="ranks/")
+    predictions_dir = property(lambda self: self._file(PREDICTIONS_DIR), doc="predictions/")
+    errors_dir = property(lambda self: self._file(ERRORS_DIR), doc="errors/")
+    fast_check_dir = property(lambda self: self._file(FAST_CHECK_DIR), doc="fast_check/")
+
+    def record(self, rank: int) -> str:
+        """``ranks/<rank>.json``: the rank's execution record (written last)."""
+        return storage.join(self.url, RANKS_DIR, f"{int(rank)}.json")
+
+    def prediction(self, rank: int) -> str:
+        """``predictions/<rank>.parquet``: the rank's predictions."""
+        return storage.join(self.url, PREDICTIONS_DIR, f"{int(rank)}.parquet")
+
+    def error(self, rank: int) -> str:
+        """``errors/<rank>.json``: why the rank failed."""
+        return storage.join(self.url, ERRORS_DIR, f"{int(rank)}.json")
+
+    def fast_check(self, key: str) -> str:
+        """``fast_check/<key>.json``: a fast-mode check shared by the run's workers."""
+        return storage.join(self.url, FAST_CHECK_DIR, f"{key}.json")
+
+    def files(self) -> list[str]:
+        """The run's top-level files (what ``--overwrite`` clears, with :meth:`dirs`)."""
+        return [self._file(name) for name in RESULT_FILES]
+
+    def dirs(self) -> list[str]:
+        """The run's per-rank folders and the fast-check folder."""
+        return [self._file(name) for name in RESULT_DIRS]
+
+
+# Until every caller uses RunFolder.
 def record_url(result_url: str, rank: int) -> str:
-    """``ranks/<rank>.json``: the rank's execution record (written last)."""
-    return storage.join(result_url, RANKS_DIR, f"{int(rank)}.json")
+    return RunFolder(result_url).record(rank)
 
 
 def predictions_url(result_url: str, rank: int) -> str:
-    """``predictions/<rank>.parquet``: the rank's predictions."""
-    return storage.join(result_url, PREDICTIONS_DIR, f"{int(rank)}.parquet")
+    return RunFolder(result_url).prediction(rank)
 
 
 def error_url(result_url: str, rank: int) -> str:
-    """``errors/<rank>.json``: why the rank failed."""
-    return storage.join(result_url, ERRORS_DIR, f"{int(rank)}.json")
+    return RunFolder(result_url).error(rank)
 
 
 def rank_of(url: str) -> int | None:

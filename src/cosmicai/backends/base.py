@@ -110,7 +110,8 @@ class Backend(Protocol):
 #: Built-in backends: name -> "module:factory", imported on first use. Others come from the
 #: ``cosmicai.backends`` entry-point group (docs/architecture.md, "Writing a backend").
 REGISTRY: dict[str, str] = {"local": "cosmicai.backends.local:from_options",
-                            "dask": "cosmicai.backends.dask:DaskBackend"}
+                            "dask": "cosmicai.backends.dask:DaskBackend",
+                            "lithops": "cosmicai.backends.lithops:LithopsBackend"}
 ENTRY_POINT_GROUP = "cosmicai.backends"
 _REGISTERED: dict[str, Callable[..., Backend]] = {}
 
