@@ -9,7 +9,7 @@ Without ``--worker-python`` a worker venv is made (once) at ``--worker-venv`` (d
 ``pip install '.[worker]' -c requirements/constraints.txt``. Each sample is a new process (``python -c``):
 
 * *first prediction*: imports (``cosmicai.pipeline.infer``, which a Lambda handler or a pool worker imports) ->
-  ``get_model`` (weights read, graphs bound) -> the partition read and decoded -> the first batch
+  ``worker_models().get`` (weights read, graphs bound) -> the partition read and decoded -> the first batch
   (``batch_size`` rows, 512 as in a run) predicted. Times are from just before the process is spawned, so
   interpreter start-up counts.
 * *partition*: the real rank task (``pipeline.infer.run_task``: fetch, decode, the fast-mode guard, inference in
@@ -38,12 +38,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIRST = r"""
 import json, sys, time
 t = {}
-from cosmicai.pipeline import infer
+from cosmicai.models.worker import worker_models
 from cosmicai.data.partition import decode
 from cosmicai import storage
 t["imports"] = time.time()
-infer.configure_worker(THREADS)
-predictor, _, _ = infer.get_model("astromae-demo", None, "cpu", MODE)
+worker_models().configure(THREADS)
+predictor, _, _ = worker_models().get("astromae-demo", None, "cpu", MODE)
 t["model"] = time.time()
 part = decode(storage.read_bytes(PATH), PATH)
 t["decode"] = time.time()
@@ -55,8 +55,9 @@ print(json.dumps(t))
 
 PARTITION = r"""
 import json, resource, sys, time
+from cosmicai.models.worker import worker_models
 from cosmicai.pipeline import infer
-infer.configure_worker(THREADS)
+worker_models().configure(THREADS)
 record = infer.run_task(RESULT, 0)
 print(json.dumps({"end": time.time(), "rows": record["rows"], "phases": record["phases"],
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -101,7 +102,7 @@ def _make_data(folder: str, partition_mb: float) -> tuple[str, int]:
     dataset writer (``data.split.write_dataset``: partition + manifest); returns its path and rows."""
     import numpy as np
 
-    from cosmicai.data.convert import Chunk
+    from cosmicai.data.sources import Chunk
     from cosmicai.data.formats import LEGACY_SAMPLE_BYTES, Partition
     from cosmicai.data.split import partition_name, write_dataset
 

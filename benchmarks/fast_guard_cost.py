@@ -29,9 +29,10 @@ def _worker(job: tuple[str, str, int, str]) -> dict:
 
     from cosmicai.models.guard import calibrate, shared_calibrate, shared_key
     from cosmicai.models.registry import weights_sha256
-    from cosmicai.pipeline.infer import configure_worker, get_model
+    from cosmicai.models.worker import worker_models
 
-    configure_worker(threads)
+    worker_models().configure(threads)
+    get_model = worker_models().get
     arrays = np.load(data_path)
     images, mags = arrays["images"], arrays["magnitudes"]
     fast, _, fast_load = get_model("astromae-demo", None, "cpu", "fast")

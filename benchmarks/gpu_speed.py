@@ -61,7 +61,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from cosmicai.data.formats import (NATIVE_SAMPLE_BYTES, Manifest, Partition, PartitionEntry, encode_partition,
                                    sha256_hex, write_manifest)
 from cosmicai.models.guard import max_dz
-from cosmicai.models.registry import demo_weights_path, load_model
+from cosmicai.models.astromae import demo_weights_path
+from cosmicai.models.registry import load_model
 
 HEAVY = ("galsim", "astropy", "dask", "distributed", "boto3")
 FULL_GALAXIES = 659_817          # the paper's 12.6 GB set

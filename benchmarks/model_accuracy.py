@@ -30,7 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     from cosmicai import storage
     from cosmicai.data.synth import synthesize
     from cosmicai.models.guard import calibrate, max_dz
-    from cosmicai.models.registry import astromae_from_weights, demo_weights_path, load_model
+    from cosmicai.models.astromae import demo_weights_path
+    from cosmicai.models.astromae.load import astromae_from_weights
+    from cosmicai.models.registry import load_model
     from cosmicai.pipeline.metrics import redshift_metrics
 
     torch.set_num_threads(a.threads)

@@ -28,8 +28,9 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.data import DataLoader, TensorDataset
 
-from cosmicai.models.astromae import flops_per_image
-from cosmicai.models.registry import demo_weights_path, load_model
+from cosmicai.models.astromae import demo_weights_path
+from cosmicai.models.astromae.network import flops_per_image
+from cosmicai.models.registry import load_model
 
 
 def original_loop(model: torch.nn.Module, images: np.ndarray, mags: np.ndarray, batch: int = 512) -> np.ndarray:

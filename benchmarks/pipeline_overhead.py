@@ -55,7 +55,7 @@ def main() -> None:
 
     from cosmicai.backends.local import LocalBackend
     from cosmicai.config import RunConfig
-    from cosmicai.pipeline import infer
+    from cosmicai.models.worker import worker_models
     from cosmicai.runners.pipeline import run
 
     threads = args.threads or os.cpu_count() or 1
@@ -64,9 +64,9 @@ def main() -> None:
         data = os.path.join(tmp, "data")
         os.makedirs(data)
         images, mags = make_dataset(data, args.galaxies, args.partitions)
-        infer.configure_worker(threads)
+        worker_models().configure(threads)
         t0 = time.perf_counter()
-        predictor, _, _ = infer.get_model(args.model, None, "cpu", args.mode)
+        predictor, _, _ = worker_models().get(args.model, None, "cpu", args.mode)
         load_s = time.perf_counter() - t0
         predictor.predict(images[:args.batch_size], mags[:args.batch_size], batch_size=args.batch_size)  # warm-up
 

@@ -64,6 +64,7 @@ def _worker_init(result_url: str) -> None:
     import numpy as np
 
     from cosmicai.data.formats import Partition
+    from cosmicai.models.worker import worker_models
     from cosmicai.pipeline import infer
     from cosmicai.pipeline.plan import load_plan
 
@@ -88,7 +89,7 @@ def _worker_init(result_url: str) -> None:
         return data, 0.0, 0.0
 
     infer._fetch = fake_fetch
-    infer.get_model = lambda *a, **k: (_PreparedPredictor(), False, 0.0)
+    worker_models().get = lambda *a, **k: (_PreparedPredictor(), False, 0.0)
     infer.load_plan = lambda url: _PLAN
 
 

@@ -15,8 +15,8 @@ import sys
 import tempfile
 import time
 
-from cosmicai.models.onnx_export import build_template
-from cosmicai.models.ort_engine import template_dir
+from cosmicai.models.astromae.onnx_export import build_template
+from cosmicai.models.astromae.ort_engine import template_dir
 
 
 def main() -> int:

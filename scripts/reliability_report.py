@@ -47,11 +47,12 @@ def measure_astromae(n: int = 60) -> float:
     """Seconds per one-row partition for astromae-random through run_task (1 torch thread)."""
     sys.path.insert(0, str(ROOT / "tests"))
     from cosmicai.config import load_config
-    from cosmicai.pipeline.infer import configure_worker, run_task
+    from cosmicai.models.worker import worker_models
+    from cosmicai.pipeline.infer import run_task
     from cosmicai.pipeline.plan import make_plan
     from test_faults_scale import write_one_row_partitions
 
-    configure_worker(1)
+    worker_models().configure(1)
     with tempfile.TemporaryDirectory() as tmp:
         write_one_row_partitions(Path(tmp, "d"), n)
         cfg = load_config({"data": str(Path(tmp, "d")), "result": str(Path(tmp, "r")), "model": "astromae-random",

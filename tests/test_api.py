@@ -80,11 +80,11 @@ def test_predict_matches_load_model_and_flags_nonfinite_rows(random_partition):
 
 
 def test_bad_backend_and_option_are_named(tiny_dataset, tmp_path):
-    with pytest.raises(ConfigError, match="backend .ray. is not known; choose one of dask, local, aws"):
+    with pytest.raises(ConfigError, match="backend .ray. is not known; choose one of aws, dask, lithops, local"):
         cosmicai.run(tiny_dataset, str(tmp_path / "x"), backend="ray")
     with pytest.raises(ConfigError, match="batch_sise"):
         cosmicai.run(tiny_dataset, str(tmp_path / "x"), batch_sise=3)
-    with pytest.raises(ConfigError, match="give stack=NAME"):
+    with pytest.raises(ConfigError, match="no state machine to run on: give stack=NAME"):
         cosmicai.run("s3://bucket/data", "s3://bucket/result", backend="aws")
 
 
@@ -121,17 +121,19 @@ class _InlineBackend:
 
 
 def test_a_registered_backend_runs_the_pipeline(tiny_dataset, tmp_path, monkeypatch):
-    from cosmicai.backends import base
+    from cosmicai import runners
+    from cosmicai.runners import registry
 
-    monkeypatch.setattr(base, "_REGISTERED", {})
+    monkeypatch.setattr(registry, "_ADDED", {})
     built = []
-    base.register_backend("inline-reversed", lambda **options: built.append(_InlineBackend(**options)) or built[-1])
-    assert "inline-reversed" in base.available_backends()
+    runners.register_backend("inline-reversed", lambda **options: built.append(_InlineBackend(**options)) or built[-1])
+    assert "inline-reversed" in runners.available_runners()
     with pytest.raises(ConfigError, match="already registered"):
-        base.register_backend("inline-reversed", _InlineBackend)
+        runners.register_backend("inline-reversed", _InlineBackend)
     result = cosmicai.run(tiny_dataset, str(tmp_path / "r"), model="astromae-random", backend="inline-reversed",
                           workers=1, threads=1, world_size=3, batch_size=16)
     assert result.complete and result.summary["completeness"]["rows_out"] == 48
     assert len(built) == 1 and built[0].closed and built[0].options["workers"] == 1
-    with pytest.raises(ConfigError, match="unknown backend 'nope'; choose one of dask, inline-reversed, local"):
-        base.get_backend("nope")
+    with pytest.raises(ConfigError, match="backend 'nope' is not known; choose one of aws, dask, inline-reversed, "
+                                          "lithops, local"):
+        runners.get_runner("nope")

@@ -14,7 +14,7 @@ import pytest
 from cosmicai import storage
 from cosmicai.backends.aws import handlers, trust
 from cosmicai.errors import ConfigError
-from cosmicai.pipeline.infer import clear_model_cache
+from cosmicai.models.worker import worker_models
 
 MODEL = "astromae-random"
 
@@ -58,7 +58,7 @@ def stack(s3_url, tiny_dataset, monkeypatch, tmp_path):
     yield {"root": s3_url, "data": f"{s3_url}/data/tiny", "runs": f"{s3_url}/runs", "marker": marker,
            "foreign": f"{s3_url}/other/foreign/part-000001.safetensors"}
     sys.modules.pop("evilmod", None)
-    clear_model_cache()
+    worker_models().clear()
 
 
 def _initialize(stack, name, **config):

@@ -9,7 +9,7 @@ import pytest
 
 from cosmicai.backends.aws import handlers
 from cosmicai.analysis.cost import cost_table, invocation_cost
-from cosmicai.backends.aws.logs import parse_report_line, parse_reports
+from cosmicai.analysis.lambda_reports import parse_report_line, parse_reports
 from cosmicai.config import load_config
 from cosmicai.errors import ConfigError
 from cosmicai.pipeline.plan import make_plan

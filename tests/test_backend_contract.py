@@ -1,6 +1,7 @@
 """One contract, every way a run can execute: the local backend in-process and as a process pool, a Dask
-cluster, and the Step Functions runner on moto (the deployed state machine, real handlers). Each must account
-for every partition and row, give the same predictions, and name a failed partition the same way."""
+cluster, Lithops (its localhost backend), and the Step Functions runner on moto (the deployed state machine, real
+handlers). Each must account for every partition and row, give the same predictions, and name a failed partition
+the same way."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import cosmicai
 from cosmicai import storage
 from cosmicai.pipeline.summarize import IncompleteRunError
 
-RUNNERS = ("local-in-process", "local-pool", "dask", "stepfunctions")
+RUNNERS = ("local-in-process", "local-pool", "dask", "lithops", "stepfunctions")
 # One region per execution (moto, see test_aws_e2e._state_machine); none that test_aws_e2e uses.
 REGIONS = iter(("ap-south-1", "ap-northeast-1", "ap-northeast-2", "ca-central-1", "sa-east-1", "eu-north-1",
                 "eu-west-2", "eu-west-3"))
@@ -32,7 +33,8 @@ def _run(kind: str, data_dir, name: str, request, tmp_path, **options) -> cosmic
                             timeout_s=120, **COMMON, **options)
     backend = {"local-in-process": {"backend": "local", "workers": 1, "backend_options": {"in_process": True}},
                "local-pool": {"backend": "local", "workers": 2},
-               "dask": {"backend": "dask", "workers": 2}}[kind]
+               "dask": {"backend": "dask", "workers": 2},
+               "lithops": {"backend": "lithops", "workers": 2}}[kind]
     return cosmicai.run(str(data_dir), str(tmp_path / name), **backend, **COMMON, **options)
 
 

@@ -143,14 +143,14 @@ def _zeros(*shape: int) -> Any:
 def _astromae_state() -> dict:
     """A real AstroMAE state dict (built once per session; ~15.8 M parameters)."""
     if not hasattr(_astromae_state, "cache"):
-        from cosmicai.models.astromae import build_astromae
+        from cosmicai.models.astromae.network import build_astromae
 
         _astromae_state.cache = {k: v.clone() for k, v in build_astromae(seed=0).state_dict().items()}
     return _astromae_state.cache
 
 
 def _weights_with(change: Callable[[dict], None]) -> bytes:
-    from cosmicai.models.weights_torch import save_weights
+    from cosmicai.models.astromae.weights_torch import save_weights
 
     state = dict(_astromae_state())
     change(state)

@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from cosmicai.backends.base import get_backend
+from cosmicai.runners.registry import make_backend as get_backend
 from cosmicai.config import load_config
 from cosmicai.errors import ConfigError
 from cosmicai.runners.pipeline import run
@@ -157,7 +157,7 @@ def test_unreachable_scheduler_is_a_clear_error():
 def test_cluster_command_glue_runs_cai_run_on_the_cluster(dask_backend, local_result, tiny_dataset, tmp_path):
     """`cai cluster slurm|pbs` hands RUN_ARGS to `cai run --backend dask --scheduler <its scheduler>`;
     here the cluster is the LocalCluster (no batch system installed)."""
-    from cosmicai.commands.cluster import run_on_cluster
+    from cosmicai.cli.cluster import run_on_cluster
 
     result = str(tmp_path / "via-cluster")
     rc = run_on_cluster(dask_backend._own_cluster, ["--data", tiny_dataset, "--result", result,

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from cosmicai.data.convert import open_source
+from cosmicai.data.sources import open_source
 from cosmicai.data.formats import Partition, read_manifest
 from cosmicai.data.partition import list_partitions, read_partition
-from cosmicai.data.split import convert
+from cosmicai.data.split import split
 from cosmicai.errors import DataError
 
 
@@ -19,7 +19,7 @@ def read_all(url: str) -> Partition:
 
 
 def check_converted(src: str, out: str, part: Partition, ids=None) -> None:
-    report = convert(src, out, partition_size=3 * 20_508)  # 3 rows per partition
+    report = split(src, out, partition_size=3 * 20_508)  # 3 rows per partition
     assert report.manifest.total_rows == len(part)
     assert [p.rows for p in read_manifest(out).partitions] == [3, 3, 1]
     got = read_all(out)
@@ -87,42 +87,42 @@ def test_bad_inputs_each_have_a_clear_error(tmp_path, random_partition):
     out = str(tmp_path / "out")
     np.save(tmp_path / "images.npy", part.images)
     with pytest.raises(DataError, match=r"images\.npy: a single \.npy file holds one array"):
-        convert(str(tmp_path / "images.npy"), out)
+        split(str(tmp_path / "images.npy"), out)
     (tmp_path / "cat.csv").write_text("a,b\n1,2\n")
     with pytest.raises(DataError, match=r"cat\.csv: unsupported format '\.csv'"):
-        convert(str(tmp_path / "cat.csv"), out)
+        split(str(tmp_path / "cat.csv"), out)
     (tmp_path / "empty.h5").write_bytes(b"")
     with pytest.raises(DataError, match=r"empty\.h5: empty file"):
-        convert(str(tmp_path / "empty.h5"), out)
+        split(str(tmp_path / "empty.h5"), out)
     with pytest.raises(DataError, match=r"missing\.fits: source not found"):
-        convert(str(tmp_path / "missing.fits"), out)
+        split(str(tmp_path / "missing.fits"), out)
     np.savez(tmp_path / "bands.npz", images=part.images[:, :4], magnitudes=part.magnitudes)
     with pytest.raises(DataError, match=r"bands\.npz: 'images' has shape \[3, 4, 32, 32\].*4 bands, expected 5"):
-        convert(str(tmp_path / "bands.npz"), out)
+        split(str(tmp_path / "bands.npz"), out)
     np.savez(tmp_path / "ints.npz", images=(part.images * 100).astype(np.int16), magnitudes=part.magnitudes)
     with pytest.raises(DataError, match=r"ints\.npz: 'images' has dtype int16, expected floating point"):
-        convert(str(tmp_path / "ints.npz"), out)
+        split(str(tmp_path / "ints.npz"), out)
     np.savez(tmp_path / "mags.npz", images=part.images, magnitudes=part.magnitudes[:, :3])
     with pytest.raises(DataError, match=r"mags\.npz: 'magnitudes' has shape \[3, 3\], expected \[3, 5\]"):
-        convert(str(tmp_path / "mags.npz"), out)
+        split(str(tmp_path / "mags.npz"), out)
     np.savez(tmp_path / "nomag.npz", images=part.images)
     with pytest.raises(DataError, match=r"nomag\.npz: missing array\(s\) \['magnitudes'\]"):
-        convert(str(tmp_path / "nomag.npz"), out)
+        split(str(tmp_path / "nomag.npz"), out)
     np.savez(tmp_path / "len.npz", images=part.images, magnitudes=part.magnitudes, redshift=part.redshift[:2])
     with pytest.raises(DataError, match=r"len\.npz: arrays have different row counts: images 3, redshift 2"):
-        convert(str(tmp_path / "len.npz"), out)
+        split(str(tmp_path / "len.npz"), out)
     np.savez(tmp_path / "obj.npz", images=part.images, magnitudes=np.array([[object()] * 5] * 3, dtype=object))
     with pytest.raises(DataError, match=r"obj\.npz: .*pickle"):
-        convert(str(tmp_path / "obj.npz"), out)
+        split(str(tmp_path / "obj.npz"), out)
     (tmp_path / "junk.h5").write_bytes(b"not an hdf5 file at all")
     with pytest.raises(DataError, match=r"junk\.h5: not a readable HDF5 file"):
-        convert(str(tmp_path / "junk.h5"), out)
+        split(str(tmp_path / "junk.h5"), out)
     fits.HDUList([fits.PrimaryHDU(part.images[:, 0])]).writeto(tmp_path / "flat.fits")
     with pytest.raises(DataError, match=r"flat\.fits: no image HDU of shape \[N, 5, 32, 32\]"):
-        convert(str(tmp_path / "flat.fits"), out)
+        split(str(tmp_path / "flat.fits"), out)
     notes = tmp_path / "notes"
     notes.mkdir()
     (notes / "readme.txt").write_text("hi")
     with pytest.raises(DataError, match=r"notes: no supported files in the folder \(found \.txt"):
-        convert(str(notes), out)
+        split(str(notes), out)
     assert read_manifest(out) is None

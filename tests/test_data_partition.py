@@ -8,7 +8,8 @@ import pytest
 from cosmicai import storage
 from cosmicai.data.formats import encode_partition, read_manifest
 from cosmicai.data.legacy import write_legacy_pt
-from cosmicai.data.partition import PartitionRef, decode, list_partitions, read_partition
+from cosmicai.data.partition import (PARTITION_FORMATS, PARTITION_SUFFIXES, PartitionRef, decode, list_partitions,
+                                     partition_format, read_partition, read_partition_bytes)
 from cosmicai.errors import DataError, StorageError
 
 
@@ -39,6 +40,24 @@ def test_decode_dispatches_legacy_pt_with_row_index_ids(random_partition):
     got = decode(write_legacy_pt(part), "1.pt")
     assert np.array_equal(got.object_id, np.arange(4))
     assert np.array_equal(got.images, part.images) and np.array_equal(got.redshift, part.redshift)
+
+
+def test_one_table_of_partition_formats(tmp_path, random_partition):
+    """Suffixes, decoders, head checks and the object-id rule all come from PARTITION_FORMATS."""
+    assert PARTITION_SUFFIXES == tuple(PARTITION_FORMATS) == (".safetensors", ".pt")
+    assert partition_format("s3://b/d/part-000001.safetensors").object_ids
+    assert not partition_format("7.pt").object_ids  # legacy ids are row indices
+    with pytest.raises(DataError, match=r"^d/x\.npz: unsupported partition format \(expected a \.safetensors or "
+                       r"\.pt file\)$"):
+        partition_format("d/x.npz")
+    junk = tmp_path / "x.npz"
+    junk.write_bytes(encode_partition(random_partition(2)))
+    with pytest.raises(DataError, match=r"x\.npz: unsupported partition format"):  # refused before its body is read
+        read_partition_bytes(str(junk))
+    fake = tmp_path / "2.pt"
+    fake.write_bytes(encode_partition(random_partition(2)))  # a native file under the legacy suffix
+    with pytest.raises(DataError, match=r"2\.pt: not a torch \.pt partition \(first bytes"):
+        read_partition_bytes(str(fake))
 
 
 def test_decode_rejects_unknown_suffix_and_truncated_bytes(random_partition):

@@ -78,11 +78,9 @@ def _legacy_dir(tmp_path, random_partition, sizes=(3, 4, 2)):
 
 
 def test_convert_legacy_dataset_assigns_global_row_ids(tmp_path, random_partition):
-    from cosmicai.data.split import convert
-
     src, parts = _legacy_dir(tmp_path, random_partition)
     out = str(tmp_path / "native")
-    report = convert(src, out, partition_size="100MB")
+    report = split(src, out, partition_size="100MB")
     got = read_all(out)
     assert report.manifest.total_rows == 9 and len(report.manifest.partitions) == 1
     assert np.array_equal(got.object_id, np.arange(9))

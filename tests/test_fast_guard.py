@@ -12,7 +12,8 @@ from cosmicai.config import load_config
 from cosmicai.errors import ConfigError, ModelError
 from cosmicai.models.guard import CALIBRATION_ROWS, FAST_TOLERANCE, calibrate, max_dz
 from cosmicai.models.registry import load_model
-from cosmicai.runners.pipeline import format_report, run
+from cosmicai.pipeline.report import format_report
+from cosmicai.runners.pipeline import run
 
 
 def _rows(n=CALIBRATION_ROWS, seed=0):
@@ -109,7 +110,8 @@ def test_unknown_fast_guard_is_a_config_error(tmp_path):
 def test_check_is_measured_once_per_run_and_shared_with_the_same_decision(authors_weights, tmp_path):
     """The first worker process measures and stores ``fast_check/<key>.json``; the next reuses it (no exact model
     loaded, same numbers, this worker's policy applied); other weights or another dataset get their own key."""
-    from cosmicai.models.guard import SHARED_DIR, shared_calibrate, shared_key
+    from cosmicai.models.guard import shared_calibrate, shared_key
+    from cosmicai.results import RunFolder
 
     images, mags = _rows(32)
     fast = load_model("astromae", weights=str(authors_weights), mode="fast", threads=1)
@@ -121,20 +123,21 @@ def test_check_is_measured_once_per_run_and_shared_with_the_same_decision(author
         return calibrate(fast, exact, images, mags, policy="fallback", sample="part-1", rows=32)
 
     key = shared_key("astromae", "ab" * 32, fast.engine, "cpu", "/data")
-    first, reused = shared_calibrate(str(tmp_path), key, "fallback", measure)
+    url = RunFolder(str(tmp_path)).fast_check(key)
+    first, reused = shared_calibrate(url, key, "fallback", measure)
     assert not reused and not first.passed and first.mode_used == "exact" and calls == [1]
-    stored = json.loads((tmp_path / SHARED_DIR / f"{key}.json").read_text())
+    stored = json.loads((tmp_path / "fast_check" / f"{key}.json").read_text())
     assert stored["max_dz"] == first.max_dz and stored["key"] == key
-    again, reused = shared_calibrate(str(tmp_path), key, "fallback", measure)
+    again, reused = shared_calibrate(url, key, "fallback", measure)
     assert reused and calls == [1] and again.max_dz == first.max_dz and again.mode_used == "exact"
     assert again.seconds < first.seconds
     with pytest.raises(ModelError, match=r"fast mode deviates .* on 32 rows of part-1, over the tolerance 0\.002"):
-        shared_calibrate(str(tmp_path), key, "strict", measure)  # the stored failure, refused under strict
+        shared_calibrate(url, key, "strict", measure)  # the stored failure, refused under strict
     assert calls == [1]
     assert shared_key("astromae", "cd" * 32, fast.engine, "cpu", "/data") != key
     assert shared_key("astromae", "ab" * 32, fast.engine, "cpu", "/other") != key
     assert shared_key("astromae", None, fast.engine, "cpu", "/data") is None  # unknown weights: never shared
     assert shared_key("astromae", "ab" * 32, fast.engine, "cuda", "/data") is None
-    (tmp_path / SHARED_DIR / f"{key}.json").write_text('{"rows": 32, "max_dz": 0.0, "passed": true}')  # tampered
-    _, reused = shared_calibrate(str(tmp_path), key, "fallback", measure)
+    (tmp_path / "fast_check" / f"{key}.json").write_text('{"rows": 32, "max_dz": 0.0, "passed": true}')  # tampered
+    _, reused = shared_calibrate(url, key, "fallback", measure)
     assert not reused and calls == [1, 1]  # an incomplete file is not trusted: measured again

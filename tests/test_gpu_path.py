@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from cosmicai.errors import ConfigError, ModelError
-from cosmicai.models import cuda_feed
-from cosmicai.models.cuda_feed import DeviceFeed, auto_rows, padded_rows
+from cosmicai.models.astromae import cuda_feed
+from cosmicai.models.astromae.cuda_feed import DeviceFeed, auto_rows, padded_rows
 from cosmicai.models.registry import load_model
 
 ROOT = Path(__file__).resolve().parents[1]

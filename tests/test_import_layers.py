@@ -1,8 +1,11 @@
 """Import structure of ``src/cosmicai``, read statically with ``ast`` (nothing is imported to build it):
 
-* no import cycle among cosmicai modules, counting module-level and function-level imports alike;
+* no import cycle among cosmicai modules, counting module-level and function-level imports alike, and dynamic
+  imports resolved: a string naming a cosmicai module (``"cosmicai.backends.local:from_options"`` in a registry)
+  and an f-string over a cosmicai package (``f"cosmicai.cli.{name}"``) are edges too;
+* the layer rules of docs/architecture.md;
 * one size parser (``cosmicai.sizes.parse_size``);
-* the Lambda / Step Functions limits written down once, in ``cosmicai.backends.aws.limits`` (and template.yaml's
+* the Lambda / Step Functions limits written down once, in ``cosmicai.lambda_limits`` (and template.yaml's
   parameter bounds agreeing with them).
 
 An import ``from X import name`` is an edge to the module ``X.name`` when that is a module, else to ``X`` (a
@@ -18,9 +21,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SRC = Path(__file__).resolve().parents[1] / "src"
 PACKAGE = SRC / "cosmicai"
-LIMITS = PACKAGE / "backends" / "aws" / "limits.py"
+LIMITS = PACKAGE / "lambda_limits.py"
 TEMPLATE = PACKAGE / "backends" / "aws" / "template.yaml"
 
 
@@ -61,11 +66,32 @@ def _import_graph() -> dict[str, dict[str, str]]:
                     continue
                 targets = [f"{origin}.{a.name}" if f"{origin}.{a.name}" in modules else known(origin)
                            for a in node.names]
+            targets += _dynamic_targets(node, modules)
             for target in targets:
                 if target and target != mod:
-                    edges.setdefault(target, f"{path.relative_to(SRC.parent)}:{node.lineno}")
+                    where = path.relative_to(SRC.parent) if path.is_relative_to(SRC.parent) else path
+                    edges.setdefault(target, f"{where}:{node.lineno}")
         graph[mod] = edges
     return graph
+
+
+#: A string that names a cosmicai module, optionally with an attribute: what a registry imports on first use.
+DYNAMIC_TARGET = re.compile(r"^(cosmicai(?:\.\w+)+)(?::(\w+))?$")
+
+
+def _dynamic_targets(node: ast.AST, modules: dict[str, tuple[Path, bool]]) -> list[str]:
+    """Modules a dynamic import may load: ``"cosmicai.x.y"`` / ``"cosmicai.x.y:attr"`` string constants naming a
+    module (a package only with ``:attr``: entry-point group names are not imports), and every module under the
+    package of an f-string that starts ``"cosmicai.<package>."``."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        m = DYNAMIC_TARGET.match(node.value)
+        if m and m.group(1) in modules and (m.group(2) or not modules[m.group(1)][1]):
+            return [m.group(1)]
+    if isinstance(node, ast.JoinedStr) and node.values and isinstance(node.values[0], ast.Constant):
+        head = str(node.values[0].value)
+        if head.startswith("cosmicai.") and head.endswith(".") and head[:-1] in modules:
+            return [m for m in modules if m.startswith(head)]
+    return []
 
 
 def _cycles(graph: dict[str, dict[str, str]]) -> list[tuple[list[str], set[str]]]:
@@ -134,16 +160,49 @@ def test_no_import_cycles():
     assert not cycles, "import cycles among cosmicai modules:\n" + "\n".join(lines)
 
 
+def test_graph_resolves_dynamic_imports():
+    """The registries' "module:attr" strings and the CLI's f-string over its command modules are edges, so the
+    layer rules and the cycle check see what they load."""
+    graph = _import_graph()
+    assert {"cosmicai.backends.local", "cosmicai.backends.dask", "cosmicai.backends.lithops",
+            "cosmicai.runners.stepfunctions"} <= set(graph["cosmicai.runners.registry"])
+    assert {"cosmicai.cli.run", "cosmicai.cli.aws", "cosmicai.cli.cluster"} <= set(graph["cosmicai.cli"])
+
+
+def test_dynamic_import_targets_exist():
+    """Every "cosmicai.module:attr" string names a module that defines attr (a registry entry cannot go stale)."""
+    modules = _modules()
+    missing = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(node, ast.Constant) and isinstance(node.value, str)):
+                continue
+            m = DYNAMIC_TARGET.match(node.value)
+            if not m or not m.group(2):
+                continue
+            where = f"{path.relative_to(SRC.parent)}:{node.lineno}"
+            if m.group(1) not in modules:
+                missing.append(f"{where}: {node.value!r}: no module {m.group(1)}")
+                continue
+            tree = ast.parse(modules[m.group(1)][0].read_text())
+            defined = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+            defined |= {t.id for n in tree.body if isinstance(n, ast.Assign) for t in n.targets
+                        if isinstance(t, ast.Name)}
+            if m.group(2) not in defined:
+                missing.append(f"{where}: {node.value!r}: {m.group(1)} defines no {m.group(2)}")
+    assert not missing, "\n".join(missing)
+
+
 def test_graph_sees_function_level_and_relative_imports():
     graph = _import_graph()
     assert "cosmicai.analysis.cost" in graph["cosmicai.simulator.simulate"]  # module level, relative
-    assert "cosmicai.data.split" in graph["cosmicai.commands.data"]  # inside cmd_split: commands import lazily
-    assert "cosmicai.models.weights_torch" in graph["cosmicai.models.registry"]  # inside functions: torch is lazy
+    assert "cosmicai.data.split" in graph["cosmicai.cli.data"]  # inside cmd_split: commands import lazily
+    assert "cosmicai.models.astromae.fast" in graph["cosmicai.models.registry"]  # inside functions: torch is lazy
     # the two cycles of issue #18 stay broken: the dependency goes one way only
-    assert "cosmicai.backends.aws.logs" in graph["cosmicai.analysis.cost"]
-    assert "cosmicai.analysis.cost" not in graph["cosmicai.backends.aws.logs"]
-    assert "cosmicai.data.convert" in graph["cosmicai.data.split"]
-    assert "cosmicai.data.split" not in graph["cosmicai.data.convert"]
+    assert "cosmicai.analysis.lambda_reports" in graph["cosmicai.analysis.cost"]
+    assert not graph["cosmicai.backends.aws.logs"]
+    assert "cosmicai.data.sources" in graph["cosmicai.data.split"]
+    assert "cosmicai.data.split" not in graph["cosmicai.data.sources"]
 
 
 def _defs(name: str) -> list[str]:
@@ -189,19 +248,19 @@ def test_lambda_limits_live_in_one_module():
                 continue
             where = f"{path.relative_to(SRC.parent)}:{node.lineno}"
             for name in sorted(set(targets) & names):
-                problems.append(f"{where}: assigns {name} (import it from cosmicai.backends.aws.limits)")
+                problems.append(f"{where}: assigns {name} (import it from cosmicai.lambda_limits)")
             if any(isinstance(c, ast.Constant) and type(c.value) in (int, float) and c.value == 10_240
                    for c in ast.walk(value)):
                 problems.append(f"{where}: assigns the literal 10240 to {', '.join(targets) or 'a name'} "
-                                f"(use cosmicai.backends.aws.limits.MAX_MEMORY_MB / MAX_EPHEMERAL_MB)")
+                                f"(use cosmicai.lambda_limits.MAX_MEMORY_MB / MAX_EPHEMERAL_MB)")
     assert not problems, "\n".join(problems)
 
 
 def test_limits_import_without_boto3():
     code = ("import sys\n"
             "sys.modules['boto3'] = sys.modules['botocore'] = None\n"
-            "import cosmicai.backends.aws.limits, cosmicai.analysis.cost, cosmicai.simulator.planner\n"
-            "print(cosmicai.backends.aws.limits.MAX_MEMORY_MB)\n")
+            "import cosmicai.lambda_limits, cosmicai.analysis.cost, cosmicai.simulator.planner\n"
+            "print(cosmicai.lambda_limits.MAX_MEMORY_MB)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "10240"
@@ -226,7 +285,7 @@ def _template_bounds() -> dict[str, dict[str, int]]:
 
 
 def test_template_bounds_match_the_limits():
-    from cosmicai.backends.aws import limits
+    from cosmicai import lambda_limits as limits
 
     bounds = _template_bounds()
     memory = {"MinValue": limits.MIN_MEMORY_MB, "MaxValue": limits.MAX_MEMORY_MB}
@@ -239,19 +298,20 @@ def test_template_bounds_match_the_limits():
 
 #: The layer rules of docs/architecture.md: (layer, what it must never import).
 LAYER_RULES = (
-    ("cosmicai.pipeline", ("cosmicai.backends", "cosmicai.runners", "cosmicai.commands", "cosmicai.cli",
-                           "cosmicai.analysis", "cosmicai.experiments", "cosmicai.simulator", "cosmicai.api")),
-    ("cosmicai.models", ("cosmicai.pipeline", "cosmicai.data", "cosmicai.backends", "cosmicai.runners",
-                         "cosmicai.commands", "cosmicai.cli", "cosmicai.analysis", "cosmicai.experiments")),
+    ("cosmicai.pipeline", ("cosmicai.backends", "cosmicai.runners", "cosmicai.cli", "cosmicai.analysis",
+                           "cosmicai.experiments", "cosmicai.simulator", "cosmicai.api")),
+    ("cosmicai.models", ("cosmicai.config", "cosmicai.pipeline", "cosmicai.data", "cosmicai.backends",
+                         "cosmicai.runners", "cosmicai.cli", "cosmicai.analysis", "cosmicai.experiments",
+                         "cosmicai.simulator", "cosmicai.api")),
     ("cosmicai.data", ("cosmicai.pipeline", "cosmicai.models", "cosmicai.backends", "cosmicai.runners",
-                       "cosmicai.commands", "cosmicai.cli", "cosmicai.analysis", "cosmicai.experiments")),
-    ("cosmicai.analysis", ("cosmicai.pipeline.run", "cosmicai.pipeline.infer", "cosmicai.runners",
-                           "cosmicai.backends.local", "cosmicai.backends.dask", "cosmicai.backends.aws.client",
-                           "cosmicai.experiments", "cosmicai.commands", "cosmicai.cli")),
-    ("cosmicai.backends", ("cosmicai.runners", "cosmicai.commands", "cosmicai.cli", "cosmicai.analysis",
-                           "cosmicai.experiments", "cosmicai.simulator")),
-    ("cosmicai.simulator", ("cosmicai.pipeline", "cosmicai.runners", "cosmicai.backends.aws.client",
-                            "cosmicai.experiments", "cosmicai.commands", "cosmicai.cli")),
+                       "cosmicai.cli", "cosmicai.analysis", "cosmicai.experiments", "cosmicai.api")),
+    ("cosmicai.analysis", ("cosmicai.pipeline.infer", "cosmicai.runners", "cosmicai.backends", "cosmicai.experiments",
+                           "cosmicai.cli", "cosmicai.api")),
+    ("cosmicai.simulator", ("cosmicai.pipeline", "cosmicai.runners", "cosmicai.backends", "cosmicai.experiments",
+                            "cosmicai.cli", "cosmicai.api")),
+    ("cosmicai.backends", ("cosmicai.runners", "cosmicai.cli", "cosmicai.analysis", "cosmicai.experiments",
+                           "cosmicai.simulator", "cosmicai.api")),
+    ("cosmicai.runners", ("cosmicai.cli", "cosmicai.api", "cosmicai.experiments")),
 )
 
 
@@ -267,3 +327,23 @@ def test_layers_import_only_downwards():
               for module, deps in graph.items() if _within(module, layer)
               for dep, where in deps.items() if any(_within(dep, b) for b in banned)]
     assert not broken, "\n".join(broken)
+
+
+def test_nothing_below_the_cli_imports_the_cli():
+    graph = _import_graph()
+    broken = [f"{module} -> {dep} ({where})" for module, deps in graph.items() if not _within(module, "cosmicai.cli")
+              for dep, where in deps.items() if _within(dep, "cosmicai.cli")]
+    assert not broken, "\n".join(broken)
+
+
+def test_the_rules_catch_a_breach(tmp_path, monkeypatch):
+    """The layer check fails on a module that breaks a rule through a registry string alone."""
+    probe = tmp_path / "_layer_probe.py"
+    probe.write_text('TARGET = "cosmicai.runners.stepfunctions:StepFunctionsRunner"\n')
+    real = _modules
+    monkeypatch.setattr(sys.modules[__name__], "_modules",
+                        lambda: {**real(), "cosmicai.analysis._layer_probe": (probe, False)})
+    graph = _import_graph()
+    assert "cosmicai.runners.stepfunctions" in graph["cosmicai.analysis._layer_probe"]
+    with pytest.raises(AssertionError, match="cosmicai.analysis._layer_probe -> cosmicai.runners.stepfunctions"):
+        test_layers_import_only_downwards()

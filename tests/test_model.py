@@ -12,10 +12,11 @@ import pytest
 import torch
 
 from cosmicai.errors import ModelError
-from cosmicai.models.astromae import AstroMAE, build_astromae, count_params, flops_per_image
-from cosmicai.models.registry import demo_weights_path, load_model
+from cosmicai.models.astromae.network import AstroMAE, build_astromae, count_params, flops_per_image
+from cosmicai.models.astromae import demo_weights_path
+from cosmicai.models.registry import load_model
 from cosmicai.models.weights_io import InputNorm
-from cosmicai.models.weights_torch import save_weights
+from cosmicai.models.astromae.weights_torch import save_weights
 
 torch.set_num_threads(1)
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from cosmicai.errors import ModelError, UnsafePickleError
-from cosmicai.models.convert import state_from_bytes
+from cosmicai.models.astromae.checkpoint import state_from_bytes
 from cosmicai.models.registry import load_model
 
 torch.set_num_threads(1)
@@ -74,7 +74,7 @@ def _pickle_with_global(module: str, name: str) -> bytes:
 def test_plain_state_dicts_are_accepted(tmp_path):
     from safetensors.torch import save_file
 
-    from cosmicai.models.astromae import build_astromae
+    from cosmicai.models.astromae.network import build_astromae
 
     net = build_astromae(seed=5)
     images, mags = _inputs(3)
@@ -92,7 +92,7 @@ def test_plain_state_dicts_are_accepted(tmp_path):
 def test_weights_with_missing_or_unexpected_keys_are_named(tmp_path):
     from safetensors.torch import save_file
 
-    from cosmicai.models.astromae import build_astromae
+    from cosmicai.models.astromae.network import build_astromae
 
     state = {k: v.contiguous() for k, v in build_astromae(seed=1).state_dict().items()}
     del state["fusion.2.bias"]

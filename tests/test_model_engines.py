@@ -10,13 +10,14 @@ import pytest
 import torch
 
 from cosmicai.errors import ModelError
-from cosmicai.models import onnx_export, ort_engine
-from cosmicai.models.astromae import build_astromae
-from cosmicai.models.fast import choose_engine, fold_batchnorm, fold_linear_chains
+from cosmicai.models import modes
+from cosmicai.models.astromae import onnx_export, ort_engine
+from cosmicai.models.astromae.network import build_astromae
+from cosmicai.models.astromae.fast import choose_engine, fold_batchnorm, fold_linear_chains
 from cosmicai.models.registry import load_model
-from cosmicai.models.weights_torch import Normalized
+from cosmicai.models.astromae.weights_torch import Normalized
 
-pytestmark = pytest.mark.skipif(not ort_engine.available(), reason="onnxruntime not installed")
+pytestmark = pytest.mark.skipif(not modes.onnxruntime_available(), reason="onnxruntime not installed")
 
 
 def _inputs(n: int, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
@@ -111,7 +112,7 @@ def test_engine_choice_and_errors(monkeypatch):
         load_model("astromae-random", engine="tensorrt")
     with pytest.raises(ModelError, match="engine 'onnxruntime' runs AstroMAE on CPU only.*Linear on cpu"):
         choose_engine(torch.nn.Linear(2, 2), cpu, "onnxruntime")
-    monkeypatch.setattr(ort_engine, "available", lambda: False)
+    monkeypatch.setattr(modes, "onnxruntime_available", lambda: False)
     assert choose_engine(model, cpu) == "torch"  # auto falls back when onnxruntime is missing
     with pytest.raises(ModelError, match="needs the onnxruntime package"):
         choose_engine(model, cpu, "onnxruntime")
@@ -143,7 +144,7 @@ def test_auto_falls_back_to_torch_when_onnxruntime_cannot_load_the_graph(monkeyp
 
 
 def test_bad_weights_are_refused_not_run_on_another_engine(tmp_path):
-    from cosmicai.models.weights_torch import save_weights
+    from cosmicai.models.astromae.weights_torch import save_weights
 
     net = build_astromae(seed=0)
     state = net.state_dict()

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from cosmicai.errors import ModelError
-from cosmicai.models.convert import read_checkpoint
+from cosmicai.models.astromae.checkpoint import read_checkpoint
 from cosmicai.models.registry import load_model
 
 LAYOUT = Path(__file__).resolve().parents[2] / "shared" / "reference" / "astromae-original" / "layout.txt"

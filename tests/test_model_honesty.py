@@ -15,8 +15,10 @@ import pytest
 from cosmicai.config import load_config
 from cosmicai.data.formats import Manifest, PartitionEntry, encode_partition, sha256_hex, write_manifest
 from cosmicai.errors import ModelError
-from cosmicai.models.registry import demo_weights_path, load_model, parse_training_range, weights_card
-from cosmicai.runners.pipeline import format_report, run
+from cosmicai.models.astromae import demo_weights_path
+from cosmicai.models.registry import load_model, parse_training_range, weights_card
+from cosmicai.pipeline.report import format_report
+from cosmicai.runners.pipeline import run
 
 DEMO_CARD = os.path.splitext(demo_weights_path())[0] + ".json"
 

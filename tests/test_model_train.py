@@ -61,7 +61,7 @@ def test_train_demo_writes_to_the_current_folder_by_default_never_into_the_packa
     """``cai model train-demo`` without ``--out``: ./astromae-demo-trained.safetensors; the shipped weights stay.
     20 steps: the length whose 5% warm-up used to be zero steps long (ZeroDivisionError in the LR schedule)."""
     from cosmicai.cli import main as cai
-    from cosmicai.models.registry import demo_weights_path
+    from cosmicai.models.astromae import demo_weights_path
 
     shipped = demo_weights_path()
     before = _sha(shipped)

@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 
 from cosmicai.errors import ModelError
-from cosmicai.models import folding, onnx_export, ort_engine
-from cosmicai.models.fast import fold_batchnorm, fold_linear_chains
-from cosmicai.models.registry import demo_weights_path, load_model, read_weights_numpy
+from cosmicai.models.astromae import folding, onnx_export, ort_engine
+from cosmicai.models.astromae.fast import fold_batchnorm, fold_linear_chains
+from cosmicai.models.astromae import demo_weights_path
+from cosmicai.models.astromae.load import read_weights_numpy
+from cosmicai.models.registry import load_model
 from cosmicai.models.weights_io import InputNorm
 
 onnx = pytest.importorskip("onnx")
@@ -102,8 +104,8 @@ def test_int8_quantisation_is_onnxruntimes_bit_for_bit():
 
 
 def test_norm_state_matches_the_torch_module_buffers():
-    from cosmicai.models.astromae import build_astromae
-    from cosmicai.models.weights_torch import Normalized
+    from cosmicai.models.astromae.network import build_astromae
+    from cosmicai.models.astromae.weights_torch import Normalized
 
     norm = InputNorm(image_offset=[0.1, 0.2, 0.3, 0.4, 0.5], image_scale=[3.0, 0.7, 1.1, 9.0, 0.3],
                      image_asinh=True, mag_offset=[18.0] * 5, mag_scale=[1.5] * 5, z_offset=0.2, z_scale=0.3)
@@ -115,7 +117,7 @@ def test_norm_state_matches_the_torch_module_buffers():
 
 
 def test_weights_that_do_not_fit_the_template_name_the_tensors(tmp_path):
-    from cosmicai.models.weights_torch import save_weights
+    from cosmicai.models.astromae.weights_torch import save_weights
 
     state = load_model("astromae-demo", engine="torch", threads=1).module.net.state_dict()
     state["head.weight"] = state["head.weight"][:191]

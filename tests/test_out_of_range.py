@@ -20,6 +20,7 @@ from cosmicai import cli
 from cosmicai.config import load_config
 from cosmicai.data.formats import Manifest, Partition, PartitionEntry, encode_partition, sha256_hex, write_manifest
 from cosmicai.errors import ModelError
+from cosmicai.models.worker import worker_models
 from cosmicai.pipeline import infer
 from cosmicai.pipeline.metrics import redshift_metrics
 from cosmicai.pipeline.summarize import IncompleteRunError
@@ -103,7 +104,7 @@ def test_out_of_range_rows_are_predicted_flagged_and_counted(tmp_path):
     assert summary["out_of_range_rows"] == 5
     stored = json.loads(open(os.path.join(result, "summary.json")).read())
     assert stored["out_of_range"] == oor
-    from cosmicai.runners.pipeline import format_report
+    from cosmicai.pipeline.report import format_report
 
     line = [ln for ln in format_report(summary).splitlines() if "out-of-range inputs" in ln]
     assert line == [f"  out-of-range inputs: 5 row(s) flagged, predicted but not scored (4 with magnitudes outside "
@@ -190,7 +191,7 @@ def _error(result: str, rank: int = 0) -> dict:
 def test_memory_error_while_predicting_names_partition_and_remedy(tmp_path, monkeypatch):
     data = _small_dataset(tmp_path)
     result = str(tmp_path / "res")
-    monkeypatch.setattr(infer, "get_model", lambda *a, **k: (_Hungry(), False, 0.0))
+    monkeypatch.setattr(worker_models(), "get", lambda *a, **k: (_Hungry(), False, 0.0))
     with pytest.raises(IncompleteRunError) as info:
         run(_config(data, result, world_size=1, batch_size=5), progress=False)
     err = _error(result)
@@ -261,16 +262,16 @@ def test_fast_mode_guard_skips_out_of_range_rows(monkeypatch):
     part = make_random_partition(10, seed=2)
     part.magnitudes[[2, 7], 0] = 1e30
     fast, exact = Engine(1e3), Engine(-1e3)
-    monkeypatch.setattr(infer, "get_model", lambda *a, **k: (exact, False, 0.0))
+    monkeypatch.setattr(worker_models(), "get", lambda *a, **k: (exact, False, 0.0))
     cfg = {"model": "m", "weights": None, "weights_sha256": None, "device": "cpu", "batch_size": 4,
            "fast_guard": "strict"}
-    infer.clear_model_cache()
+    worker_models().clear()
     try:
         untrusted = np.logical_or(*infer.out_of_range_rows(part))
         used, check = infer.checked_model(cfg, fast, part, "part-1", untrusted=untrusted)
         assert used is fast and check["mode_used"] == "fast" and check["rows"] == 8 and check["max_dz"] == 0
-        infer.clear_model_cache()
+        worker_models().clear()
         with pytest.raises(ModelError, match="fast mode deviates from exact"):
             infer.checked_model(cfg, fast, part, "part-1")   # without the mask the garbage rows decide
     finally:
-        infer.clear_model_cache()
+        worker_models().clear()

@@ -120,7 +120,7 @@ def test_storage_entry_larger_than_its_tensor_is_refused(tmp_path):
     """Within the model-sized cap, an entry must still inflate to exactly what its tensors declare."""
     import torch
 
-    from cosmicai.models.convert import read_checkpoint
+    from cosmicai.models.astromae.checkpoint import read_checkpoint
 
     path = inflating_checkpoint(tmp_path / "w.pt", inflated=64 << 20, obj={"w": torch.zeros(4)})
     with pytest.raises(ModelError, match=r"w\.pt: storage '0' inflates to 67,108,864 bytes but its tensors "

@@ -20,7 +20,8 @@ import pytest
 from cosmicai import storage
 from cosmicai.config import load_config
 from cosmicai.errors import ConfigError, ModelError
-from cosmicai.pipeline.infer import clear_model_cache, run_task
+from cosmicai.models.worker import worker_models
+from cosmicai.pipeline.infer import run_task
 from cosmicai.pipeline.lease import LeaseHeldError
 from cosmicai.results import LEASE_NAME
 from cosmicai.pipeline.plan import make_plan
@@ -61,7 +62,7 @@ def test_resume_refuses_a_partition_replaced_by_a_same_sized_file(tiny_dataset, 
 
 
 def _copy_weights(tmp_path: Path) -> Path:
-    from cosmicai.models.registry import demo_weights_path
+    from cosmicai.models.astromae import demo_weights_path
 
     path = tmp_path / "w.safetensors"
     shutil.copy(demo_weights_path(), path)
@@ -87,7 +88,7 @@ def test_resume_refuses_weights_rewritten_in_place(tiny_dataset, tmp_path):
     assert len(plan.config["weights_sha256"]) == 64
     run_task(config.result, 0, plan.plan_hash)
     _retrain_in_place(weights)
-    clear_model_cache()
+    worker_models().clear()
     # a worker of the old plan refuses to predict with other weights ...
     with pytest.raises(ModelError, match=r"weights '.*w.safetensors' changed since the run was planned \(sha256 "):
         run_task(config.result, 1, plan.plan_hash)
@@ -220,7 +221,7 @@ def test_extreme_finite_inputs_are_flagged_and_counted(tmp_path):
     assert summary["metrics"]["n"] == 4 and summary["metrics"]["n_excluded"] == 2
     assert summary["nonfinite_predictions"]["rows"] == 2 and summary["nonfinite_predictions"]["partitions"] == [
         "part-000001.safetensors"]
-    from cosmicai.runners.pipeline import format_report
+    from cosmicai.pipeline.report import format_report
 
     assert ("non-finite predictions: 2 row(s) flagged, 2 from finite inputs, in 1 partition(s): "
             "part-000001.safetensors") in format_report(summary)

@@ -22,6 +22,7 @@ import pytest
 from cosmicai import storage
 from cosmicai.config import load_config
 from cosmicai.data.formats import Manifest, Partition, PartitionEntry, write_manifest
+from cosmicai.models.worker import worker_models
 from cosmicai.pipeline import infer
 from cosmicai.pipeline import summarize as summarize_mod
 from cosmicai.pipeline.metrics import MetricsAccumulator, redshift_metrics
@@ -74,7 +75,7 @@ def build_tree(root, monkeypatch, ranks: int, rows: int | list[int], per_rank: i
                          object_id=np.arange(start, start + n, dtype=np.int64), redshift=z_true), 0.0, 0.0
 
     monkeypatch.setattr(infer, "_fetch", fake_fetch)
-    monkeypatch.setattr(infer, "get_model", lambda *a, **k: (_Prepared(), False, 0.0))
+    monkeypatch.setattr(worker_models(), "get", lambda *a, **k: (_Prepared(), False, 0.0))
     result = result or os.path.join(str(root), "result")
     config, _ = load_config({"data": data, "result": result, "model": "astromae-demo", "batch_size": 512,
                              "world_size": ranks, "workers": 1, "threads": 1})
@@ -296,7 +297,7 @@ def test_s3_summarize_streams_through_the_server(tmp_path, monkeypatch, s3_url, 
     remote = storage.join(s3_url, "result")
     build_tree(tmp_path / "remote", monkeypatch, ranks=6, rows=[700, 333, 1500, 20, 999, 640], values=values,
                result=remote)
-    reader = summarize_mod._ObjectReader(remote)
+    reader = storage.BulkReader(remote)
     assert reader._fs is not None  # the S3 reads go through pyarrow's client here
     summary = summarize(remote)
     assert summary["completeness"] == local_summary["completeness"] and summary["completeness"]["complete"]
@@ -329,18 +330,19 @@ def test_s3_reads_fall_back_to_storage(tmp_path, monkeypatch, s3_url):
             Broken.opened += 1
             raise OSError("AWS Error ACCESS_DENIED")
 
-    monkeypatch.setattr(summarize_mod, "_arrow_s3", lambda url: Broken())
+    monkeypatch.setattr(storage, "arrow_s3", lambda url: Broken())
     got = summarize(remote)
     assert got["metrics"] == want["metrics"] and got["completeness"] == want["completeness"]
     # Switched off after a few fallbacks (records and predictions share one reader): not tried for all 12 reads.
-    assert summarize_mod._ObjectReader.FALLBACKS_BEFORE_OFF <= Broken.opened < 12
+    assert storage.BulkReader.FALLBACKS_BEFORE_OFF <= Broken.opened < 12
 
 
 def test_duplicate_object_ids_are_counted_in_the_summary(tmp_path):
     """Two partitions that share ids (a dataset assembled twice from the same catalogue): counted and named."""
     from cosmicai.config import load_config
     from cosmicai.data.formats import encode_partition
-    from cosmicai.runners.pipeline import format_report, run
+    from cosmicai.pipeline.report import format_report
+    from cosmicai.runners.pipeline import run
     from conftest import make_random_partition
 
     data = tmp_path / "data"

@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ConfigError
+from .models.modes import MODES
 
-MODES = ("exact", "fast")
 LEGACY_KEYS = ("bucket", "file_limit", "batch_size", "object_type", "S3_object_name", "script", "result_path",
                "data_bucket", "data_prefix", "world_size")
 LEGACY_UNUSED = ("object_type", "S3_object_name", "script")

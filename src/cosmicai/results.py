@@ -27,6 +27,7 @@ An experiment tree (``cai bench``, and the original's ``aws/stats.py`` layout)::
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Any, TypedDict
 
 from . import storage
@@ -251,3 +252,53 @@ def rank_of(url: str) -> int | None:
     """The rank number in ``.../<rank>.json`` or ``.../<rank>.parquet``, or None for other names."""
     stem = storage.basename(url).split(".", 1)[0]
     return int(stem) if stem.isdigit() else None
+
+
+@dataclass
+class RunResult:
+    """A finished run: ``summary`` (summary.json), ``metrics``, ``failures``, and the predictions on demand."""
+
+    result_url: str
+    summary: dict[str, Any]
+    execution_arn: str | None = None
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        """Accuracy against the catalogue redshifts (MAE, MSE, Bias, Precision, R2, outlier_fraction, n)."""
+        return dict(self.summary.get("metrics") or {})
+
+    @property
+    def failures(self) -> list[dict[str, Any]]:
+        """One entry per failed rank, naming its partitions and the error (empty when every rank succeeded)."""
+        return list(self.summary.get("failures") or [])
+
+    @property
+    def complete(self) -> bool:
+        """Every rank succeeded and rows in == rows out."""
+        return bool((self.summary.get("completeness") or {}).get("complete"))
+
+    def predictions(self, columns: list[str] | None = None):
+        """``predictions.parquet`` as a pyarrow Table (object_id, partition, row, z_pred, z_true, flag)."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        data = storage.read_bytes(RunFolder(self.result_url).predictions)
+        # One thread and an arrow buffer: pyarrow 26 can abort the interpreter at exit ("terminate called without an
+        # active exception") after a threaded read, about one run in four here.
+        return pq.read_table(pa.BufferReader(data), columns=columns, use_threads=False)
+
+    def to_pandas(self, columns: list[str] | None = None):
+        """The predictions as a pandas DataFrame (needs pandas)."""
+        import importlib.util
+
+        if importlib.util.find_spec("pandas") is None:  # pyarrow converts; pandas itself is the user's
+            raise ImportError("RunResult.to_pandas needs pandas (pip install pandas); predictions() returns a "
+                              "pyarrow Table without it")
+        return self.predictions(columns).to_pandas()
+
+    def __repr__(self) -> str:
+        done = self.summary.get("completeness") or {}
+        r2 = self.metrics.get("R2")
+        return (f"RunResult({self.result_url!r}, complete={self.complete}, rows={done.get('rows_out')}, "
+                f"ranks={done.get('ranks_done')}/{self.summary.get('world_size')}, "
+                f"R2={'n/a' if r2 is None else f'{r2:.4f}'})")

@@ -135,9 +135,9 @@ def train(args: argparse.Namespace) -> dict:
     import torch
     from torch import nn
 
-    from .models.astromae import build_astromae, count_params
+    from .models.astromae.network import build_astromae, count_params
     from .models.registry import load_model
-    from .models.weights_torch import Normalized, save_weights
+    from .models.astromae.weights_torch import Normalized, save_weights
 
     torch.manual_seed(args.seed)
     if args.threads:

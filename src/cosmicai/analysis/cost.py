@@ -14,10 +14,10 @@ import math
 from typing import Any, Iterable, Sequence
 
 from .. import sizes
-from ..backends.aws.limits import FREE_EPHEMERAL_MB
-from ..backends.aws.logs import Report, parse_reports
 from ..errors import ConfigError, DataError
+from ..lambda_limits import FREE_EPHEMERAL_MB
 from ..results import COMBINED_NAME
+from .lambda_reports import Report, parse_reports
 
 #: Per-architecture list prices (USD): per GB-second of compute, per request, per GB-second of
 #: ephemeral storage above the free 512 MB.

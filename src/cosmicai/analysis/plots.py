@@ -18,7 +18,7 @@ import numpy as np
 
 from .. import storage
 from ..errors import DataError
-from ..results import COMBINED_NAME, PREDICTIONS_NAME, SUMMARY_NAME
+from ..results import RunFolder
 from . import stats
 
 PHASE_COLORS = {"model_load": "#7f7f7f", "fetch": "#1f77b4", "decode": "#ff7f0e", "inference": "#2ca02c",
@@ -53,7 +53,7 @@ def _mean_sd(values: list[float]) -> tuple[float, float]:
 
 
 def _map_seconds(run: stats.RunStats) -> float | None:
-    url = storage.join(run.path, SUMMARY_NAME)
+    url = RunFolder(run.path).summary
     if not storage.exists(url):
         return None
     return stats.stage_durations(storage.read_json(url))[1]
@@ -190,7 +190,7 @@ def _honest_bps(run: stats.RunStats) -> float | None:
 def _read_predictions(run_url: str):
     import pyarrow.parquet as pq
 
-    url = storage.join(run_url, PREDICTIONS_NAME)
+    url = RunFolder(run_url).predictions
     if not storage.exists(url):
         raise DataError(f"{run_url}: no predictions.parquet (run `cai run` to completion first)")
     import pyarrow as pa
@@ -242,7 +242,7 @@ def plot_predictions(run_url: str, out: str) -> list[str]:
     """Predicted vs true redshift density (``predictions.parquet``) with the metrics in the legend."""
     from ..pipeline.metrics import redshift_metrics
 
-    url = storage.join(run_url, PREDICTIONS_NAME)
+    url = RunFolder(run_url).predictions
     table = _read_predictions(run_url)
     if "z_true" not in table.column_names:
         raise DataError(f"{url}: no z_true column (the dataset has no true redshifts), nothing to compare")
@@ -284,7 +284,7 @@ def plot_timeline(run_url: str, out: str) -> list[str]:
     The records hold phase totals, not per-phase timestamps: within a rank's bar the phases are drawn end to
     end in their own lengths (fetch/decode overlap inference when prefetching, so they may exceed the span).
     """
-    records = storage.read_json(storage.join(run_url, COMBINED_NAME))
+    records = storage.read_json(RunFolder(run_url).combined)
     if not isinstance(records, list) or not records:
         raise DataError(f"{run_url}/combined_data.json: expected a non-empty list of per-rank records")
     rows = []
@@ -324,7 +324,7 @@ def plot_timeline(run_url: str, out: str) -> list[str]:
 
 def plot(target: str, out: str) -> list[str]:
     """Every figure ``target`` supports: a single run (has combined_data.json) or a tree of runs."""
-    if storage.exists(storage.join(target, COMBINED_NAME)):
+    if storage.exists(RunFolder(target).combined):
         files = []
         errors = []
         for fn in (plot_nz, plot_predictions, plot_timeline):

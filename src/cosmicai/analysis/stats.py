@@ -29,7 +29,8 @@ import numpy as np
 
 from .. import storage
 from ..errors import DataError
-from ..results import BATCHES_DIR, COMBINED_NAME, PARTITION_DIR, RUN_DIR, SIZE_DIR, SUMMARY_NAME
+from ..lambda_limits import MAX_MEMORY_MB
+from ..results import BATCHES_DIR, COMBINED_NAME, PARTITION_DIR, RUN_DIR, SIZE_DIR, SUMMARY_NAME, RunFolder
 
 CPU_TIME = "total_cpu_time (seconds)"
 CPU_MEMORY = "total_cpu_memory (MB)"
@@ -372,7 +373,7 @@ def _logs_from_summaries(runs: list[RunStats]) -> list[dict[str, Any]]:
     """state_machine_logs-style rows for our runs (those with a summary.json)."""
     out = []
     for r in runs:
-        url = storage.join(r.path, SUMMARY_NAME)
+        url = RunFolder(r.path).summary
         if not storage.exists(url):
             continue
         total, map_s = stage_durations(storage.read_json(url))
@@ -407,7 +408,7 @@ def distinct_samples(data_url: str | None) -> int | None:
     return None
 
 
-def cai_run_row(run_url: str, memory_mb: float = 10_240) -> list[str]:
+def cai_run_row(run_url: str, memory_mb: float = MAX_MEMORY_MB) -> list[str]:
     """One ``cai_runs.csv`` row for our run at ``run_url`` (it has summary.json and combined_data.json).
 
     Honest throughput = input bits / map-stage wall time; phase seconds are summed over ranks; the Lambda cost
@@ -415,8 +416,9 @@ def cai_run_row(run_url: str, memory_mb: float = 10_240) -> list[str]:
     """
     from .cost import cost_from_records
 
-    summary = storage.read_json(storage.join(run_url, SUMMARY_NAME))
-    records = storage.read_json(storage.join(run_url, COMBINED_NAME))
+    folder = RunFolder(run_url)
+    summary = storage.read_json(folder.summary)
+    records = storage.read_json(folder.combined)
     where = classify_url(run_url) or (None, "", None, "")
     partition_mb, size_label, batch, run = where
     data_gb = ""
@@ -427,7 +429,7 @@ def cai_run_row(run_url: str, memory_mb: float = 10_240) -> list[str]:
     rows = summary.get("rows")
     phases = summary.get("phases_total_s") or {}
     comp = summary.get("completeness") or {}
-    cost = cost_from_records(records, memory_mb, source=storage.join(run_url, COMBINED_NAME)) \
+    cost = cost_from_records(records, memory_mb, source=folder.combined) \
         if records else None
     distinct = distinct_samples(summary.get("data_url"))
     if distinct is None and rows is not None:
@@ -444,11 +446,11 @@ def cai_run_row(run_url: str, memory_mb: float = 10_240) -> list[str]:
             num(cost["total"] if cost else None, 8), num(memory_mb, 1), str(bool(comp.get("complete")))]
 
 
-def write_cai_runs(root: str, out: str, memory_mb: float = 10_240) -> str | None:
+def write_cai_runs(root: str, out: str, memory_mb: float = MAX_MEMORY_MB) -> str | None:
     """Write ``cai_runs.csv`` for every run of ours (a folder with summary.json) under ``root``; None if none."""
     urls = storage.list_files(root, suffixes=SUMMARY_NAME, recursive=True)
-    runs = [u.rsplit("/", 1)[0] for u in urls if u.endswith("/summary.json")]
-    runs = [u for u in runs if storage.exists(storage.join(u, COMBINED_NAME))]
+    runs = [u.rsplit("/", 1)[0] for u in urls if u.endswith("/" + SUMMARY_NAME)]
+    runs = [u for u in runs if storage.exists(RunFolder(u).combined)]
     if not runs:
         return None
     rows = [cai_run_row(u, memory_mb) for u in runs]

@@ -73,9 +73,9 @@ class WorkerSetup(WorkerPlugin):
         if self.threads:
             for var in THREAD_VARS:
                 os.environ[var] = str(self.threads)
-            from ..pipeline.infer import configure_worker
+            from ..models.worker import worker_models
 
-            configure_worker(self.threads)
+            worker_models().configure(self.threads)
 
 
 def run_token(tasks: list[dict]) -> str:

@@ -72,9 +72,9 @@ def _init_worker(threads: int, parent_pid: int | None = None, gpus: Any = None, 
     # Before torch starts its thread pools in this fresh (spawned) process.
     for var in THREAD_VARS:
         os.environ[var] = str(threads)
-    from ..pipeline.infer import configure_worker
+    from ..models.worker import worker_models
 
-    configure_worker(threads)
+    worker_models().configure(threads)
 
 
 def default_workers_threads(workers: int | None, threads: int | None) -> tuple[int, int]:
@@ -356,11 +356,12 @@ class LocalBackend:
 
     def _map_in_process(self, fn: Callable[..., dict], tasks: list[dict], timeouts: TaskTimeouts | None = None
                         ) -> Iterator[tuple[dict, Any]]:
-        from ..pipeline.infer import configure_worker, worker_threads
+        from ..models.worker import worker_models
 
+        models = worker_models()
         torch = sys.modules.get("torch")  # loaded only where a torch engine runs: restore its threads after
-        before, before_worker = (torch.get_num_threads() if torch else None), worker_threads()
-        configure_worker(self.threads)
+        before, before_worker = (torch.get_num_threads() if torch else None), models.threads
+        models.configure(self.threads)
         try:
             for task in tasks:
                 began = time.monotonic()
@@ -372,7 +373,7 @@ class LocalBackend:
                     timeouts.finished(task, time.monotonic() - began)
                 yield task, result
         finally:
-            configure_worker(before_worker)
+            models.configure(before_worker)
             if torch is not None and before is not None:
                 torch.set_num_threads(before)
 

@@ -30,12 +30,11 @@ import numpy as np
 
 from .. import storage
 from ..errors import ConfigError, DataError
-from .convert import FITS_SUFFIXES, Chunk, _int64_ids, _open
+from .sources import FITS_SUFFIXES, Chunk, _int64_ids, _open
 from .formats import BANDS, IMAGE_SHAPE, MAX_COLUMNS, Partition, column_name_problem, sha256_hex
 from .units import UnitsCheck
 
 CUTOUT_SUFFIXES = (".npy",) + FITS_SUFFIXES
-CATALOG_SUFFIXES = (".csv", ".parquet", ".pq") + FITS_SUFFIXES
 ID_COLUMNS = ("object_id", "objid", "id")
 FILE_COLUMNS = ("file", "filename")
 #: Cutouts read per chunk (about 10 MB of images), by this many threads.

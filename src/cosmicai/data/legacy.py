@@ -8,7 +8,7 @@ Layout: ``images`` float32 [N, 5, 32, 32], ``magnitudes`` float64 [N, 5], ``reds
 On reading, magnitudes are cast to float32 (the model's input dtype; float64 -> float32 keeps ~7 significant
 digits, far beyond photometric precision) and, as the files carry no object ids, ``object_id`` is the row
 index within the partition (0..N-1). Converting a legacy dataset renumbers ids to the row's index in the
-whole dataset (see ``cosmicai.data.convert``).
+whole dataset (see ``cosmicai.data.sources``).
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Reading partitions of a dataset: decode by file suffix, read by URL, list a dataset's partitions.
 
-Two partition formats are read:
+The partition formats are one table, :data:`PARTITION_FORMATS` (suffix -> :class:`PartitionFormat`); decoding,
+head checks, listings, ``cai data verify``/``resample``/``convert`` and the planner all read it:
 
 * ``.safetensors`` - the native format (:mod:`cosmicai.data.formats`), no pickle, zero-copy;
 * ``.pt`` - the original CAI partitions (:mod:`cosmicai.data.legacy`), weights-only unpickler. They carry no
@@ -14,14 +15,13 @@ without one, its partitions are found by a paginated listing in natural numeric 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 from .. import storage
 from ..errors import CaiError, DataError, OutOfMemoryError, StorageError
 from .formats import (MANIFEST_NAME, PARTITION_SUFFIX, Partition, _check_header, decode_partition, header_length,
                       load_partition_file, name_problem, read_manifest)
 
-LEGACY_SUFFIX = ".pt"
-PARTITION_SUFFIXES = (PARTITION_SUFFIX, LEGACY_SUFFIX)
 #: Suffixes of the files ``cai data convert`` reads as FITS and as HDF5.
 FITS_SUFFIXES = (".fits", ".fit", ".fts", ".fits.gz", ".fit.gz")
 HDF5_SUFFIXES = (".h5", ".hdf5", ".he5")
@@ -42,17 +42,12 @@ class PartitionRef:
 
 
 def decode(data: bytes, name: str, allow_nonfinite: bool = False) -> Partition:
-    """Decode partition bytes, choosing the format from ``name``'s suffix (.safetensors native, .pt legacy)."""
+    """Decode partition bytes, choosing the format from ``name``'s suffix (see :data:`PARTITION_FORMATS`)."""
+    fmt = partition_format(name)
     try:
-        if name.endswith(PARTITION_SUFFIX):
-            return decode_partition(data, source=name, allow_nonfinite=allow_nonfinite)
-        if name.endswith(LEGACY_SUFFIX):
-            from .legacy import read_legacy_pt
-
-            return read_legacy_pt(data, source=name, allow_nonfinite=allow_nonfinite)
+        return fmt.decode(data, name, allow_nonfinite)
     except MemoryError:
         raise _out_of_memory(name, len(data), "decoding") from None
-    raise DataError(f"{name}: unsupported partition format (expected a {PARTITION_SUFFIX} or {LEGACY_SUFFIX} file)")
 
 
 def _out_of_memory(url: str, size: int | None, doing: str) -> OutOfMemoryError:
@@ -61,8 +56,6 @@ def _out_of_memory(url: str, size: int | None, doing: str) -> OutOfMemoryError:
                      f"the dataset into smaller partitions (cai data split --partition-size)")
 
 
-#: What a ``.pt`` partition starts with: a zip archive (torch >= 1.6) or a protocol-2 pickle (older torch).
-LEGACY_MAGIC = (b"PK\x03\x04", b"\x80\x02")
 #: Bytes read to check a partition's head before its body (a native header is a few hundred bytes).
 HEAD_BYTES = 4096
 
@@ -83,22 +76,69 @@ def _read_range(url: str, start: int, end: int) -> bytes:
         raise StorageError(f"{url}: cannot read ({exc})") from None
 
 
-def check_head(url: str, size: int, listed: str | None = None) -> None:
-    """DataError naming ``url`` unless its first bytes make it a partition of ``size`` bytes (its own, or the
-    size ``listed`` gives: "the manifest", "the plan"): for a native partition the whole safetensors header is
-    read and checked (format, tensor offsets adding up to ``size``); for a ``.pt`` partition the magic number.
-    Reads at most a few KiB."""
-    if size == 0:
-        raise DataError(f"{url}: empty file (0 bytes) - not a partition")
-    head = _read_range(url, 0, min(size, HEAD_BYTES))
-    if url.endswith(LEGACY_SUFFIX):
-        if not head.startswith(LEGACY_MAGIC):
-            raise DataError(f"{url}: not a torch .pt partition (first bytes {head[:8]!r}, file {size:,} bytes)")
-        return
+def _decode_native(data: bytes, source: str, allow_nonfinite: bool) -> Partition:
+    return decode_partition(data, source=source, allow_nonfinite=allow_nonfinite)
+
+
+def _check_native_head(url: str, size: int, head: bytes, listed: str | None) -> None:
+    """The whole safetensors header is read and checked (format, tensor offsets adding up to ``size``)."""
     hlen = header_length(head, size, url)
     if 8 + hlen > len(head):
         head += _read_range(url, len(head), 8 + hlen)
     _check_header(head, url, size=size, listed=listed)
+
+
+def _decode_legacy(data: bytes, source: str, allow_nonfinite: bool) -> Partition:
+    from .legacy import read_legacy_pt
+
+    return read_legacy_pt(data, source=source, allow_nonfinite=allow_nonfinite)
+
+
+#: What a ``.pt`` partition starts with: a zip archive (torch >= 1.6) or a protocol-2 pickle (older torch).
+LEGACY_MAGIC = (b"PK\x03\x04", b"\x80\x02")
+
+
+def _check_legacy_head(url: str, size: int, head: bytes, listed: str | None) -> None:
+    if not head.startswith(LEGACY_MAGIC):
+        raise DataError(f"{url}: not a torch .pt partition (first bytes {head[:8]!r}, file {size:,} bytes)")
+
+
+@dataclass(frozen=True)
+class PartitionFormat:
+    """How one partition file format is read: ``decode(data, source, allow_nonfinite)``, ``check_head(url, size,
+    head, listed)`` (DataError unless the first :data:`HEAD_BYTES` bytes make it such a partition of ``size``
+    bytes), and whether its files carry their own object ids (else ids are row indices)."""
+
+    decode: Callable[[bytes, str, bool], Partition]
+    check_head: Callable[[str, int, bytes, str | None], None]
+    object_ids: bool
+
+
+#: Every partition format, by file suffix: the one table to extend for a new format.
+PARTITION_FORMATS: dict[str, PartitionFormat] = {
+    PARTITION_SUFFIX: PartitionFormat(_decode_native, _check_native_head, object_ids=True),
+    ".pt": PartitionFormat(_decode_legacy, _check_legacy_head, object_ids=False),
+}
+PARTITION_SUFFIXES = tuple(PARTITION_FORMATS)
+#: ".safetensors or .pt", for messages.
+EXPECTED_SUFFIXES = " or ".join(PARTITION_SUFFIXES)
+
+
+def partition_format(name: str) -> PartitionFormat:
+    """The format of partition file ``name`` by its suffix; DataError naming it when no format has that suffix."""
+    for suffix, fmt in PARTITION_FORMATS.items():
+        if name.endswith(suffix):
+            return fmt
+    raise DataError(f"{name}: unsupported partition format (expected a {EXPECTED_SUFFIXES} file)")
+
+
+def check_head(url: str, size: int, listed: str | None = None) -> None:
+    """DataError naming ``url`` unless its first bytes make it a partition of ``size`` bytes (its own, or the
+    size ``listed`` gives: "the manifest", "the plan"), as its format's ``check_head`` judges: for a native
+    partition the whole safetensors header, for a ``.pt`` partition the magic number. Reads at most a few KiB."""
+    if size == 0:
+        raise DataError(f"{url}: empty file (0 bytes) - not a partition")
+    partition_format(url).check_head(url, size, _read_range(url, 0, min(size, HEAD_BYTES)), listed)
 
 
 def read_partition_bytes(url: str, size: int | None = None, listed: str = "the manifest or plan") -> bytes:
@@ -159,11 +199,11 @@ def list_partitions(dataset_url: str) -> list[PartitionRef]:
         if storage.size(dataset_url) is not None:
             hint = convert_hint(dataset_url)
             raise DataError(hint or f"{dataset_url}: not a dataset folder or partition file "
-                            f"(expected {PARTITION_SUFFIX} or {LEGACY_SUFFIX})")
+                            f"(expected {EXPECTED_SUFFIXES})")
         if not storage.exists(dataset_url):
             raise DataError(f"{dataset_url}: dataset not found")
         raise DataError(convert_hint(dataset_url) or f"{dataset_url}: empty dataset (no manifest.json and no "
-                        f"{PARTITION_SUFFIX} or {LEGACY_SUFFIX} files)")
+                        f"{EXPECTED_SUFFIXES} files)")
     refs = [PartitionRef(storage.basename(u), u, None, size, fingerprint=mark) for u, size, mark in found]
     for ref in refs:
         check_listed_name(ref.name, dataset_url)

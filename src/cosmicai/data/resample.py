@@ -20,8 +20,9 @@ import numpy as np
 
 from .. import storage
 from ..errors import ConfigError, DataError
-from .formats import NATIVE_SAMPLE_BYTES, Manifest, Partition, PartitionEntry, encode_partition, read_manifest, \
-    sha256_hex, write_manifest
+from .formats import (NATIVE_SAMPLE_BYTES, PARTITION_SUFFIX, Manifest, Partition, PartitionEntry, encode_partition,
+                      read_manifest, sha256_hex, write_manifest)
+from .partition import PARTITION_SUFFIXES, list_partitions, read_partition
 
 MODES = ("cycle", "shuffle")
 INFO_NAME = "resample.json"
@@ -57,8 +58,6 @@ class _Source:
     """Random access to a dataset's rows, keeping a few decoded partitions in memory."""
 
     def __init__(self, url: str, cache: int = 4) -> None:
-        from .partition import list_partitions, read_partition
-
         self.url = url
         self._read = read_partition
         self.refs = list_partitions(url)
@@ -140,7 +139,7 @@ def resample(source: str, out: str, data_size: int, partition_size: int, mode: s
             return info
         if storage.list_files(out):
             raise DataError(f"{out}: already holds a different dataset ({INFO_NAME} differs); use overwrite")
-    elif storage.list_files(out, suffixes=(".safetensors", ".pt")) and not overwrite:
+    elif storage.list_files(out, suffixes=PARTITION_SUFFIXES) and not overwrite:
         raise DataError(f"{out}: already holds partitions not made by resample; choose an empty folder")
 
     entries: list[PartitionEntry] = []
@@ -152,7 +151,7 @@ def resample(source: str, out: str, data_size: int, partition_size: int, mode: s
         nonlocal first
         part = src.take(idx)
         data = encode_partition(part)
-        name = f"{len(entries) + 1:0{name_width}d}.safetensors"
+        name = f"{len(entries) + 1:0{name_width}d}{PARTITION_SUFFIX}"
         storage.write_bytes(storage.join(out, name), data)
         entries.append(PartitionEntry(name, len(part), len(data), sha256_hex(data), first))
         first += len(part)

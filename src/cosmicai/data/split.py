@@ -30,7 +30,7 @@ import numpy as np
 
 from .. import sizes, storage
 from ..errors import ConfigError, DataError, StorageError
-from .convert import Chunk, Source, open_source
+from .sources import Chunk, Source, open_source
 from .formats import (MANIFEST_NAME, PARTITION_SUFFIX, Manifest, Partition, PartitionEntry, encode_partition,
                       read_manifest, sha256_hex, write_manifest)
 from .partition import PARTITION_SUFFIXES
@@ -407,7 +407,8 @@ def _inside(src: str, out: str) -> bool:
 
 def split(src: str, out: str, partition_size: str | int = "25MB", drop_nonfinite: bool = False,
           progress: bool = False, replace: bool = False) -> WriteReport:
-    """Re-partition any readable source (dataset, partition file, FITS/HDF5/npz/npy) into ``out``.
+    """Re-partition any readable source (dataset, partition file, FITS/HDF5/npz/npy) into ``out``: ``cai data split``
+    and ``cai data convert``.
 
     A dataset already at ``out`` is resumed when written from the same source with the same options, replaced
     when ``replace`` is true, else refused (see the module docstring)."""
@@ -425,10 +426,3 @@ def split(src: str, out: str, partition_size: str | int = "25MB", drop_nonfinite
                          description=f"from {src} ({source.kind}), partitions of {partition_size}",
                          identity=identity, replace=replace)
 
-
-def convert(src: str, out: str, partition_size: str | int = "25MB", drop_nonfinite: bool = False,
-            progress: bool = False, replace: bool = False) -> WriteReport:
-    """Convert any supported source (see :mod:`.convert`) into native partitions + manifest at ``out``: the
-    same as :func:`split`, under the name ``cai data convert`` uses."""
-    return split(src, out, partition_size=partition_size, drop_nonfinite=drop_nonfinite, progress=progress,
-                 replace=replace)

@@ -79,7 +79,7 @@ class UnitsCheck:
 
 
 def checked_chunks(chunks: Iterable, check: UnitsCheck | None = None) -> Iterator:
-    """Pass :class:`~cosmicai.data.convert.Chunk` objects through, checking each one's units on the way."""
+    """Pass :class:`~cosmicai.data.sources.Chunk` objects through, checking each one's units on the way."""
     check = check or UnitsCheck()
     for chunk in chunks:
         check.images(chunk.part.images, chunk.source)

@@ -10,8 +10,8 @@ import numpy as np
 
 from .. import storage
 from ..errors import CaiError, DataError
-from .formats import PARTITION_SUFFIX, read_manifest, sha256_hex
-from .partition import PartitionRef, decode, list_partitions, read_partition_bytes
+from .formats import read_manifest, sha256_hex
+from .partition import PartitionRef, decode, list_partitions, partition_format, read_partition_bytes
 
 VERIFY_THREADS = 4
 
@@ -61,7 +61,8 @@ class VerifyReport:
 
 def _check(ref: PartitionRef, columns: list[str] | None = None) -> tuple[int, str | None, np.ndarray | None]:
     """Rows in the partition, the problem found (None if intact) and a copy of its object ids (None for
-    legacy ``.pt`` partitions, whose ids are row indices, and for partitions that do not decode). ``columns``:
+    formats without ids, such as legacy ``.pt`` partitions, whose ids are row indices, and for partitions that do
+    not decode). ``columns``:
     the catalogue columns the manifest says every partition carries."""
     try:
         data = read_partition_bytes(ref.url, ref.bytes, "the manifest" if ref.sha256 else "the listing")
@@ -79,7 +80,7 @@ def _check(ref: PartitionRef, columns: list[str] | None = None) -> tuple[int, st
         part = decode(data, ref.name)
     except CaiError as exc:
         return 0, str(exc), None
-    ids = np.array(part.object_id) if ref.name.endswith(PARTITION_SUFFIX) else None  # a copy: frees ``data``
+    ids = np.array(part.object_id) if partition_format(ref.name).object_ids else None  # a copy: frees ``data``
     if ref.rows is not None and len(part) != ref.rows:
         return len(part), f"{len(part)} rows, the manifest says {ref.rows}", ids
     if columns is not None and sorted(part.columns) != sorted(columns):

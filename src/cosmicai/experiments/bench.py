@@ -24,7 +24,7 @@ from typing import Any, Callable, Sequence
 
 from .. import storage
 from ..errors import ConfigError
-from ..results import COMBINED_NAME, LOGS_DIR, LOGS_NAME, SUMMARY_NAME
+from ..results import LOGS_DIR, LOGS_NAME, RunFolder
 from ..sizes import UNITS, parse_size
 from ..analysis.stats import LOG_COLUMNS
 
@@ -64,11 +64,12 @@ class BenchSpec:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def check(self) -> None:
-        from ..backends.base import available_backends
+        from ..runners.registry import entry
 
-        known = [*available_backends(), "aws"]
-        if self.backend not in known:
-            raise ConfigError(f"--backend: unknown backend {self.backend!r}; expected one of {known}")
+        if entry(self.backend).kind == "runner" and not (self.data.startswith("s3://")
+                                                         and self.out.startswith("s3://")):
+            raise ConfigError(f"--backend {self.backend} runs in the cloud: --data and --out must be s3:// URLs "
+                              f"it reaches")
         if not self.sizes or not self.partitions:
             raise ConfigError("--sizes and --partitions need at least one size each")
         if self.runs < 1:
@@ -130,45 +131,23 @@ def _append_log(url: str, row: list[str]) -> None:
 
 
 def _runner(spec: BenchSpec) -> tuple[Callable[[Any], dict[str, Any]], Callable[[], None]]:
-    """(run one config -> summary, close) for the spec's backend; one backend serves the whole grid."""
-    if spec.backend == "aws":
-        return _aws_runner(spec), lambda: None
-    from ..backends.base import get_backend
-    from ..runners.pipeline import run
+    """(run one config -> summary, close) on the spec's runner; one runner (and its backend) serves the grid. For
+    a runner that runs whole runs elsewhere (AWS), ``stages.total_s`` is each run's wall time as seen from here."""
+    from ..runners import get_runner
+    from ..runners.registry import entry, runner_options
 
-    options: dict[str, Any] = {"workers": spec.workers, "threads": spec.threads}
-    if spec.backend == "dask":
-        options["scheduler"] = spec.scheduler
-    backend = get_backend(spec.backend, **options)
-    return (lambda cfg: run(cfg, backend=backend, progress=False, report=False)), backend.close
-
-
-def _aws_runner(spec: BenchSpec) -> Callable[[Any], dict[str, Any]]:
-    """Run each grid point as one Step Functions execution of a deployed stack (``spec.extra``: stack or
-    state_machine_arn, endpoint, region; ``runners.stepfunctions``) and return its summary.json, with the
-    execution's wall time as the whole-run duration. ``--data`` and ``--out`` must be s3:// URLs the Lambdas reach."""
-    from ..runners.stepfunctions import run_on_stepfunctions
-
-    if not (spec.data.startswith("s3://") and spec.out.startswith("s3://")):
-        raise ConfigError("--backend aws needs s3:// URLs for --data and --out (the Lambdas read and write them)")
-    target = {k: spec.extra.get(k) for k in ("stack", "state_machine_arn", "endpoint", "region")}
-    if not (target["stack"] or target["state_machine_arn"]):
-        raise ConfigError("--backend aws needs --stack NAME (a deployed stack) or --state-machine-arn ARN")
+    options = {k: v for k, v in spec.extra.items() if k in runner_options(spec.backend) and v is not None}
+    runner = get_runner(spec.backend, **options)
+    remote = entry(spec.backend).kind == "runner"
 
     def run_one(cfg: Any) -> dict[str, Any]:
-        from ..backends.aws.client import run_name
-
-        run_input = {k: v for k, v in cfg.plan_dict().items() if v is not None}
         t0 = time.perf_counter()
-        done = run_on_stepfunctions(run_input, name=run_name("cai-bench"), **target)
-        total = time.perf_counter() - t0
-        final, summary = done.status, done.summary
-        if final["status"] != "SUCCEEDED" or summary is None:
-            raise ConfigError(f"{cfg.result}: execution {final['status']}: {final.get('error')} {final.get('cause')}")
-        summary["stages"] = {**(summary.get("stages") or {}), "total_s": total}
+        summary = runner.run(cfg).summary
+        if remote:
+            summary["stages"] = {**(summary.get("stages") or {}), "total_s": time.perf_counter() - t0}
         return summary
 
-    return run_one
+    return run_one, runner.close
 
 
 def bench(spec: BenchSpec, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -208,7 +187,7 @@ def bench(spec: BenchSpec, log: Callable[[str], None] = print) -> dict[str, Any]
                             cfg, _ = load_config(None, data=ds_url, result=result, model=spec.model,
                                                  weights=spec.weights, batch_size=batch, mode=spec.run_mode,
                                                  device=spec.device,
-                                                 backend=spec.backend if spec.backend != "aws" else "local",
+                                                 backend=spec.backend, scheduler=spec.scheduler,
                                                  workers=spec.workers, threads=spec.threads, overwrite=True)
                             summary = runner(cfg)
                             ran[(batch, run)] = result
@@ -236,9 +215,10 @@ def bench(spec: BenchSpec, log: Callable[[str], None] = print) -> dict[str, Any]
 
 def _copy_run(src: str, dst: str) -> dict[str, Any]:
     """Copy a finished run's summary and combined records (what the tables read) to ``dst``; returns the summary."""
-    for name in (SUMMARY_NAME, COMBINED_NAME):
-        storage.write_bytes(storage.join(dst, name), storage.read_bytes(storage.join(src, name)))
-    return storage.read_json(storage.join(dst, SUMMARY_NAME))
+    source, target = RunFolder(src), RunFolder(dst)
+    for field_ in ("summary", "combined"):
+        storage.write_bytes(getattr(target, field_), storage.read_bytes(getattr(source, field_)))
+    return storage.read_json(target.summary)
 
 
 def _f(x: Any) -> str:

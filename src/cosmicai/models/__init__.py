@@ -1,20 +1,15 @@
-"""AstroMAE and the model registry. ``load_model`` is imported lazily so ``import cosmicai.models`` stays light."""
+"""Models by name through one door (``catalog.register_model``, as timm's), the worker's model state
+(``worker.py``) and AstroMAE (``astromae/``). ``load_model`` is imported lazily so ``import cosmicai.models``
+stays light (no torch, no numpy model code)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from .engines import BUILTIN, ENGINES, resolve_engine
+from .catalog import available_models, check_model_name, register_model
+from .modes import ENGINES, MODES
 
-__all__ = ["BUILTIN", "ENGINES", "check_model_name", "load_model", "resolve_engine"]
-
-
-def check_model_name(name: str) -> None:
-    """Raise ModelError when ``name`` is neither built in nor a resolvable plug-in (cheap for built-in names)."""
-    if name not in BUILTIN:
-        from .registry import _find_factory
-
-        _find_factory(name)
+__all__ = ["ENGINES", "MODES", "available_models", "check_model_name", "load_model", "register_model"]
 
 
 def __getattr__(name: str) -> Any:

@@ -6,8 +6,8 @@ Fast mode's error depends on the weights: 9e-6 with the demo weights, but 8e-3 (
 ``CALIBRATION_ROWS`` finite rows. Over :data:`FAST_TOLERANCE`, policy ``fallback`` (the default) warns and predicts
 in exact mode instead, ``strict`` refuses the run, ``off`` skips the check (recorded as unchecked).
 
-Once per run (:func:`shared_calibrate`): the first worker process to measure stores the outcome under the run's
-result folder (``fast_check/<key>.json``); every later worker process whose key matches (same model, weights
+Once per run (:func:`shared_calibrate`): the first worker process to measure stores the outcome in a file its
+caller names (the run's ``fast_check/<key>.json``, ``results.RunFolder.fast_check``); every later worker process whose key matches (same model, weights
 sha256, engine and versions, device, CPU features, dataset) reads it instead of loading the exact model and
 predicting twice. Workers on another CPU (a different Lambda or cluster node type) measure for themselves.
 """
@@ -31,8 +31,6 @@ FAST_TOLERANCE = 2e-3
 #: Rows of the first partition a worker uses to calibrate.
 CALIBRATION_ROWS = 256
 POLICIES = ("fallback", "strict", "off")
-#: Folder of the shared fast-mode checks under a run's result path.
-SHARED_DIR = "fast_check"
 #: Largest shared-check file read back (it holds a few numbers).
 SHARED_MAX_BYTES = 64 * 1024
 
@@ -130,19 +128,12 @@ def shared_key(model: str, weights_sha256: str | None, engine: str, device: str,
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def _shared_url(result_url: str, key: str) -> str:
-    from .. import storage
-
-    return storage.join(result_url, SHARED_DIR, f"{key}.json")
-
-
-def load_shared(result_url: str, key: str, policy: str) -> FastCheck | None:
-    """The check stored by another worker process of this run under ``key`` (None if absent or unreadable), with
-    this worker's ``policy`` applied (ModelError under ``strict`` when it failed)."""
+def load_shared(url: str, key: str, policy: str) -> FastCheck | None:
+    """The check another worker process of this run stored at ``url`` under ``key`` (None if absent, unreadable
+    or of another key), with this worker's ``policy`` applied (ModelError under ``strict`` when it failed)."""
     from .. import storage
     from ..errors import CaiError
 
-    url = _shared_url(result_url, key)
     try:
         size = storage.size(url)
         if size is None or size > SHARED_MAX_BYTES:
@@ -159,38 +150,38 @@ def load_shared(result_url: str, key: str, policy: str) -> FastCheck | None:
     return enforce(check)
 
 
-def save_shared(result_url: str, key: str, check: FastCheck) -> None:
-    """Store ``check`` for the other worker processes of this run (atomically; a failure only costs them a
-    measurement of their own)."""
+def save_shared(url: str, key: str, check: FastCheck) -> None:
+    """Store ``check`` at ``url`` for the other worker processes of this run (atomically; a failure only costs
+    them a measurement of their own)."""
     from .. import storage
     from ..errors import CaiError
 
     try:
-        storage.write_json(_shared_url(result_url, key), {**check.to_dict(), "key": key,
+        storage.write_json(url, {**check.to_dict(), "key": key,
                                                           "cpu_features": cpu_features(), "versions": _versions()})
     except (CaiError, OSError) as exc:
         warnings.warn(f"fast-mode check not shared with the run's other workers: {exc}", RuntimeWarning,
                       stacklevel=2)
 
 
-def shared_calibrate(result_url: str | None, key: str | None, policy: str,
+def shared_calibrate(url: str | None, key: str | None, policy: str,
                      measure: Callable[[], FastCheck]) -> tuple[FastCheck, bool]:
-    """``(check, reused)`` under ``policy``: the check another worker process of this run stored under ``key``,
-    else ``measure()`` (a :func:`calibrate` call with policy ``fallback``, which never raises), stored for the
-    others, failed or not. Without ``result_url`` or ``key`` it only measures. ModelError under ``strict`` when
+    """``(check, reused)`` under ``policy``: the check another worker process of this run stored at ``url`` under
+    ``key`` (:func:`shared_key`), else ``measure()`` (a :func:`calibrate` call with policy ``fallback``, which
+    never raises), stored there for the others, failed or not. Without ``url`` or ``key`` it only measures. ModelError under ``strict`` when
     the check failed. A reused check's ``seconds`` is the time spent reading it."""
     if policy not in POLICIES:
         raise ModelError(f"fast_guard '{policy}' is not known; choose one of {', '.join(POLICIES)}")
-    if result_url and key:
+    if url and key:
         t0 = time.perf_counter()
-        found = load_shared(result_url, key, policy)
+        found = load_shared(url, key, policy)
         if found is not None:
             found.seconds = time.perf_counter() - t0
             return found, True
     check = measure()
     check.policy = policy
-    if result_url and key:
-        save_shared(result_url, key, check)
+    if url and key:
+        save_shared(url, key, check)
     return enforce(check), False
 
 

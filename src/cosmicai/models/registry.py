@@ -1,17 +1,9 @@
-"""Model selection by name and the :class:`Predictor` every stage calls.
+"""Loading a model by name (:func:`load_model`) and the :class:`Predictor` every stage calls.
 
-Names:
-
-* ``astromae-demo`` — the shipped demo weights (``weights/astromae-demo.safetensors``, trained on synthetic
-  galaxies; NOT the paper's SDSS weights), loaded in fp32. Their card ``weights/astromae-demo.json`` says what
-  they were trained on and the redshift range of their training labels.
-* ``astromae`` — AstroMAE with your weights: ``weights=`` a URL (any storage URL) of a safetensors file
-  (``cai model import-cai`` makes one from the original checkpoint), a plain ``.pt`` state dict, or the
-  original pickled checkpoint (read with the restricted unpickler).
-* ``astromae-random`` — seeded random initialisation, for tests and benchmarks only (predictions are meaningless).
-* ``package.module:factory`` or a name registered in the ``cosmicai.models`` entry-point group: the factory is
-  called as ``factory(weights=..., device=..., mode=..., threads=...)`` and returns an object with
-  ``predict(images, magnitudes, batch_size)`` or an ``nn.Module`` taking ``(images, magnitudes)``.
+Names come from one table (``catalog.py``: ``register_model`` and the ``cosmicai.models`` entry-point group; the
+shipped AstroMAE models register in ``astromae/__init__.py`` exactly as a plug-in does), or are
+``package.module:factory``. :func:`load_model` validates the mode, resolves the device, threads and engine once,
+and calls the factory (see ``catalog.py`` for what it is given and may return).
 
 Every loaded predictor carries ``card`` (:func:`weights_card`: which weights, what they were trained on, any
 caveat) and ``training_range`` (``(z_min, z_max)`` of the training labels, or None when the weights do not say).
@@ -20,38 +12,27 @@ caveat) and ``training_range`` (``(z_min, z_max)`` of the training labels, or No
 from __future__ import annotations
 
 import contextlib
-import importlib
+import hashlib
 import json
 import math
 import os
 import sys
 import warnings
-from collections.abc import Callable
-from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..config import MODES
-from ..errors import CaiError
-from ..errors import ModelError
-from .engines import BUILTIN, compile_requested, requested_engine, resolve_engine
-from .weights_io import NORM_KEY, InputNorm, as_numpy_f32, file_kind, load_safetensors, refuse_kind
+from ..errors import CaiError, ModelError
+from .catalog import ModelSpec, find_spec, get_spec, registered_specs
+from .modes import EngineUnavailable, check_mode, compile_requested, requested_engine, resolve_engine
+from .weights_io import as_numpy_f32, file_kind
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from .weights_torch import Normalized
-
-DEMO_NAME = "astromae-demo"
-DEMO_FILE = "astromae-demo.safetensors"
-ENTRY_POINT_GROUP = "cosmicai.models"
-
-
-def demo_weights_path() -> str:
-    """Path of the shipped demo weights file (it may not exist in a fresh checkout)."""
-    return str(resources.files("cosmicai.models").joinpath("weights", DEMO_FILE))
+#: The model a run uses when none is named.
+DEFAULT_MODEL = "astromae-demo"
 
 
 class Predictor:
@@ -62,65 +43,35 @@ class Predictor:
     """
 
     def __init__(self, name: str, module: nn.Module, device: str = "cpu", mode: str = "exact",
-                 compile: bool | None = None, engine: str | None = None, threads: int | None = None):
+                 compile: bool | None = None, engine: str = "torch", threads: int | None = None):
+        """``module`` run on ``engine`` (already chosen by :func:`load_model`: ``torch``, or ``onnxruntime`` for
+        an AstroMAE module on CPU); an ONNX Runtime that cannot take it raises ``EngineUnavailable``."""
         import torch
 
-        from .astromae import count_params
-        from .fast import prepare
+        from .astromae.fast import prepare
+        from .astromae.network import count_params
 
-        self.name = name
-        self.device = device
-        self.mode = mode
+        self._init_common(name, device, mode, engine, count_params(module))
         self.module = module.eval()
-        self.n_params = count_params(module)
-        self.last_flagged = np.zeros(0, dtype=np.int64)
-        self.weights_sha256: str | None = None  # of the weights file read, when there was one
-        self.card: dict[str, Any] = builtin_card(name)
-        self.training_range: tuple[float, float] | None = None
         self._torch_device = torch.device(device)
-        self.engine, self._run = prepare(module, mode, self._torch_device, compile=compile, engine=engine,
-                                         threads=threads or torch.get_num_threads())
+        self._run = prepare(module, mode, self._torch_device, compile=compile_requested(compile), engine=engine,
+                            threads=threads or torch.get_num_threads())
         # CUDA: predictions go through the feed (pinned staging, async copies on a side stream, large forwards,
-        # optional CUDA graphs, one synchronisation per call); see cuda_feed.py. None on CPU.
-        self._feed = None
+        # optional CUDA graphs, one synchronisation per call); see astromae/cuda_feed.py. None on CPU.
         if self.engine == "torch" and self._torch_device.type == "cuda":
-            from .cuda_feed import feed_for
+            from .astromae.cuda_feed import feed_for
 
             self._feed = feed_for(self._run, self._torch_device, mode)
 
-    @classmethod
-    def from_weights(cls, name: str, raw: dict[str, np.ndarray], norm: InputNorm, mode: str = "exact",
-                     threads: int = 1, source: str = "weights") -> Predictor:
-        """AstroMAE on ONNX Runtime from numpy weights (``raw``: its state dict), with no torch at all."""
-        from .ort_engine import runner_for_weights, shipped_template
-
-        self = cls.__new__(cls)
-        self.name, self.device, self.mode = name, "cpu", mode
-        self._weights = (raw, norm, source)  # for ``module``, built only when asked for
-        self.engine = "onnxruntime"
-        self.n_params = shipped_template().n_params
+    def _init_common(self, name: str, device: str, mode: str, engine: str, n_params: int) -> None:
+        self.name, self.device, self.mode, self.engine = name, device, mode, engine
+        self.n_params = int(n_params)
         self.last_flagged = np.zeros(0, dtype=np.int64)
-        self.weights_sha256 = None
-        self.card = builtin_card(name)
-        self.training_range = None
+        self.weights_sha256: str | None = None  # of the weights file read, when there was one
+        self.card: dict[str, Any] = static_card(name)
+        self.training_range: tuple[float, float] | None = None
         self._torch_device = None
         self._feed = None
-        self._run = runner_for_weights(raw, norm, mode, threads, source)
-        return self
-
-    def __getattr__(self, name: str) -> Any:
-        if name == "module" and "_weights" in self.__dict__:  # from_weights: the plain torch module, on demand
-            from .astromae import build_astromae
-            from .weights_torch import Normalized, load_into
-
-            import torch
-
-            raw, norm, source = self._weights
-            net = build_astromae()
-            load_into(net, {k: torch.from_numpy(np.array(v)) for k, v in raw.items()}, source)
-            self.module = Normalized(net, norm).eval()
-            return self.module
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     @property
     def forward_rows(self) -> int | None:
@@ -194,13 +145,10 @@ class _ExternalPredictor(Predictor):
     """Wraps a plug-in model object that already has ``predict``."""
 
     def __init__(self, name: str, obj: Any, device: str, mode: str):
-        self.name, self.device, self.mode, self._obj = name, device, mode, obj
-        self.engine = "plugin"
-        self.n_params = int(getattr(obj, "n_params", 0))
-        self.weights_sha256 = None
+        self._init_common(name, device, mode, "plugin", int(getattr(obj, "n_params", 0)))
+        self._obj = obj
         self.training_range = parse_training_range(getattr(obj, "training_range", None), f"model '{name}'")
-        self.card = {**builtin_card(name), "training_range": _range_json(self.training_range)}
-        self.last_flagged = np.zeros(0, dtype=np.int64)
+        self.card["training_range"] = _range_json(self.training_range)
 
     def predict(self, images: np.ndarray, magnitudes: np.ndarray, batch_size: int = 512) -> np.ndarray:
         images, magnitudes = check_inputs(images, magnitudes)
@@ -231,7 +179,7 @@ def resolve_device(device: str) -> str:
     """Validate ``device``; an unknown or unavailable device raises ModelError naming it."""
     if device == "cpu":
         return device
-    torch = _torch(f"device '{device}'")
+    torch = need_torch(f"device '{device}'")
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as exc:
@@ -261,7 +209,7 @@ def set_threads(threads: int | None) -> int:
     return threads
 
 
-def _torch(what: str):
+def need_torch(what: str):
     """torch, or a ModelError saying that ``what`` needs the full install."""
     try:
         import torch
@@ -271,131 +219,77 @@ def _torch(what: str):
     return torch
 
 
-def astromae_from_weights(data: bytes, source: str) -> Normalized:
-    """AstroMAE loaded (fp32) from safetensors bytes, a plain state dict .pt, or the original checkpoint."""
-    from .astromae import build_astromae
-    from .convert import state_from_bytes
-    from .weights_torch import Normalized, load_into
-
-    state, norm = state_from_bytes(data, source)
-    net = build_astromae()
-    load_into(net, state, source)
-    return Normalized(net, norm).eval()
-
-
-def read_weights_numpy(data: bytes, source: str = "weights") -> tuple[dict[str, np.ndarray], InputNorm]:
-    """AstroMAE weights as numpy arrays (our safetensors names) and their input normalisation. Our safetensors
-    files are read with numpy alone; anything else (the original checkpoint, a .pt state dict, safetensors in the
-    authors' naming) goes through ``convert.read_checkpoint``, which needs torch."""
-    from .ort_engine import shipped_template
-
-    kind = file_kind(data)
-    refuse_kind(kind, data, source)
-    if kind == "safetensors":
-        tensors, meta = load_safetensors(data, source)
-        if set(tensors) == set(shipped_template().state_shapes):
-            return tensors, InputNorm.from_json(meta.get(NORM_KEY), source)
-    if not _has_torch():
-        what = "safetensors weights in another naming" if kind == "safetensors" else "a torch checkpoint"
-        raise ModelError(f"{source}: {what}; reading it needs torch, which this install does not have (convert "
-                         "it once where torch is installed with `cai model import-cai`, which writes the "
-                         "safetensors a worker reads)")
-    from .convert import state_from_bytes
-
-    state, norm = state_from_bytes(data, source)
-    return {k: v.detach().cpu().numpy() for k, v in state.items()}, norm
-
-
 def weights_url(name: str, weights: str | None) -> str | None:
-    """The weights file model ``name`` reads (the shipped demo file for ``astromae-demo``), or None."""
-    if weights is None and name == DEMO_NAME:
-        return demo_weights_path()
-    return weights
+    """The weights file model ``name`` reads: ``weights``, else the one its registration names (None: none, or a
+    model that reads no weights file)."""
+    spec = get_spec(name)
+    if not spec.reads_weights:
+        return None
+    return weights if weights is not None else spec.weights
 
 
 def weights_sha256(name: str, weights: str | None) -> str | None:
     """sha256 of the weights model ``name`` would load (None for models without a weights file); a missing or
     unreadable file raises ModelError naming it."""
-    import hashlib
+    url = weights_url(name, weights)
+    return None if url is None else read_weights(url)[1]
 
+
+def read_weights(url: str, sha256: str | None = None) -> tuple[bytes, str]:
+    """``(bytes, sha256)`` of the weights at ``url``; with ``sha256`` they must still have that digest (a run's
+    plan records it, so weights rewritten in place mid-run are refused instead of mixing two models in one
+    result). ModelError naming the file otherwise."""
     from .. import storage
 
-    url = weights_url(name, weights)
-    if url is None or name == "astromae-random":
-        return None
     try:
-        return hashlib.sha256(storage.read_bytes(url)).hexdigest()
+        data = storage.read_bytes(url)
     except Exception as exc:
         raise ModelError(f"cannot read weights '{url}': {exc}") from exc
+    now = hashlib.sha256(data).hexdigest()
+    if sha256 is not None and now != sha256:
+        raise ModelError(f"weights '{url}' changed since the run was planned (sha256 {now[:12]}, the plan "
+                         f"has {sha256[:12]}): restore them, or rerun with --overwrite to predict everything "
+                         "with the new weights")
+    return data, now
 
 
-def load_model(name: str = DEMO_NAME, weights: str | None = None, device: str = "cpu", mode: str = "exact",
+def load_model(name: str = DEFAULT_MODEL, weights: str | None = None, device: str = "cpu", mode: str = "exact",
                threads: int | None = None, compile: bool | None = None, engine: str | None = None,
                sha256: str | None = None) -> Predictor:
-    """Load model ``name`` (see the module docstring) on ``device`` in ``mode`` ('exact' or 'fast').
+    """Load model ``name`` (see ``catalog.available_models()``) on ``device`` in ``mode`` ('exact' or 'fast').
 
-    ``engine``: 'auto' (default, or ``$CAI_ENGINE``): ONNX Runtime for AstroMAE on CPU, torch otherwise;
-    'torch' or 'onnxruntime' to force one. ``threads``: CPU threads (default: every CPU this process may use).
-    ``sha256``: the weights file must have this digest (a run's plan records it, so weights rewritten in place
-    mid-run are refused instead of mixing two models in one result)."""
-    if mode not in MODES:
-        raise ModelError(f"mode '{mode}' is not known; choose one of {', '.join(MODES)}")
+    ``engine``: 'auto' (default, or ``$CAI_ENGINE``): ONNX Runtime for a model registered with it (AstroMAE) on
+    CPU, torch otherwise; 'torch' or 'onnxruntime' to force one. ``threads``: CPU threads (default: every CPU
+    this process may use). ``sha256``: the weights file must have this digest (see :func:`read_weights`)."""
+    check_mode(mode)
+    spec = get_spec(name)
     device = resolve_device(device)
     threads = set_threads(threads)
     compile = compile_requested(compile)
     requested = requested_engine(engine)
-    chosen = resolve_engine(requested, device.split(":")[0], True, compile)
-    if name == "astromae-random":
-        from .astromae import build_astromae
-        from .weights_torch import Normalized
-
-        _torch(f"model '{name}'")
-        return Predictor(name, Normalized(build_astromae(seed=0)), device, mode, compile, engine, threads)
-    if name in (DEMO_NAME, "astromae"):
-        if weights is None:
-            if name == "astromae":
-                raise ModelError("model 'astromae' needs weights=URL of a safetensors file "
-                                 "(make one from the original checkpoint with `cai model import-cai`)")
-            weights = demo_weights_path()
-            if not os.path.exists(weights):
-                raise ModelError(f"demo weights {weights} are missing; train them with `cai model train-demo`")
-        from .. import storage
-
-        try:
-            data = storage.read_bytes(weights)
-        except Exception as exc:
-            raise ModelError(f"cannot read weights '{weights}': {exc}") from exc
-        import hashlib
-
-        now = hashlib.sha256(data).hexdigest()
-        if sha256 is not None and now != sha256:
-            raise ModelError(f"weights '{weights}' changed since the run was planned (sha256 {now[:12]}, the plan "
-                             f"has {sha256[:12]}): restore them, or rerun with --overwrite to predict everything "
-                             "with the new weights")
-        pred = None
-        if chosen == "onnxruntime":  # numpy weights bound to the shipped graph template: no torch needed
-            from .ort_engine import OrtUnavailable
-
-            raw, norm = read_weights_numpy(data, weights)
-            try:
-                pred = Predictor.from_weights(name, raw, norm, mode, threads, weights)
-            except OrtUnavailable as exc:
-                if requested != "auto" or not _has_torch():
-                    raise
-                warnings.warn(f"ONNX Runtime engine unavailable ({exc}); running on torch instead", RuntimeWarning,
-                              stacklevel=2)
-        if pred is None:
-            _torch(f"engine 'torch' (device {device}, compile={bool(compile)})")
-            pred = Predictor(name, astromae_from_weights(data, weights), device, mode, compile, "torch", threads)
-        pred.weights_sha256 = now
-        pred.card = weights_card(name, weights, data, now)
-        pred.training_range = parse_training_range(pred.card.get("training_range"), weights)
-        return pred
-    _torch(f"model '{name}'")
-    return _load_plugin(name, weights, device, mode, threads)
+    url = weights_url(name, weights)
+    if url is None and spec.needs_weights:
+        raise ModelError(f"model '{name}' needs weights=URL of {spec.needs_weights}")
+    factory = spec.load_factory()
+    options: dict[str, Any] = {"weights": url, "device": device, "mode": mode, "threads": threads}
+    if not spec.engines:  # a plug-in that runs itself, or an nn.Module run on torch
+        return _as_predictor(spec, factory(**options), device, mode, threads, compile, requested)
+    chosen = resolve_engine(requested, device.split(":")[0], "onnxruntime" in spec.engines, compile, name)
+    try:
+        obj = factory(**options, engine=chosen, compile=compile, sha256=sha256)
+    except EngineUnavailable as exc:
+        if chosen == "torch" or requested != "auto" or "torch" not in spec.engines or not has_torch():
+            raise
+        warnings.warn(f"ONNX Runtime engine unavailable ({exc}); running on torch instead", RuntimeWarning,
+                      stacklevel=2)
+        obj = factory(**options, engine="torch", compile=compile, sha256=sha256)
+    return _as_predictor(spec, obj, device, mode, threads, compile, requested)
 
 
-def _has_torch() -> bool:
+def has_torch() -> bool:
+    """Whether torch can be imported here (the worker install runs AstroMAE without it)."""
+    if "torch" in sys.modules:
+        return True
     try:
         import torch  # noqa: F401
     except ImportError:
@@ -403,15 +297,22 @@ def _has_torch() -> bool:
     return True
 
 
-def _load_plugin(name: str, weights: str | None, device: str, mode: str, threads: int | None) -> Predictor:
-    from torch import nn
-
-    factory = _find_factory(name)
-    obj = factory(weights=weights, device=device, mode=mode, threads=threads)
+def _as_predictor(spec: ModelSpec, obj: Any, device: str, mode: str, threads: int, compile: bool, requested: str
+                  ) -> Predictor:
+    """The :class:`Predictor` of what factory ``name`` returned: itself, an ``nn.Module`` run on torch (the engine
+    resolved here, once), or an object with ``predict``."""
+    name = spec.name
     if isinstance(obj, Predictor):
+        obj.name = name  # known by the name it was loaded as, with its registration's card when it has no file
+        obj.card = {**obj.card, "model": name} if obj.weights_sha256 else {
+            **static_card(name), "training_range": obj.card.get("training_range")}
+        if spec.weights_origin and obj.card.get("url") and _same_file(obj.card["url"], spec.weights):
+            obj.card["origin"] = spec.weights_origin
         return obj
-    if isinstance(obj, nn.Module):
-        pred = Predictor(name, obj, device, mode)
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(obj, torch.nn.Module):
+        chosen = resolve_engine(requested, device.split(":")[0], False, compile, type(obj).__name__)
+        pred = Predictor(name, obj, device, mode, compile, chosen, threads)
         pred.training_range = parse_training_range(getattr(obj, "training_range", None), f"model '{name}'")
         pred.card["training_range"] = _range_json(pred.training_range)
         return pred
@@ -421,38 +322,30 @@ def _load_plugin(name: str, weights: str | None, device: str, mode: str, threads
                      "an nn.Module")
 
 
-def _find_factory(name: str) -> Callable[..., Any]:
-    if ":" in name:
-        module_name, _, attr = name.partition(":")
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as exc:
-            raise ModelError(f"model '{name}': cannot import module '{module_name}': {exc}") from exc
-        factory = getattr(module, attr, None)
-        if not callable(factory):
-            raise ModelError(f"model '{name}': module '{module_name}' has no callable '{attr}'")
-        return factory
-    from importlib.metadata import entry_points
-
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        if ep.name == name:
-            return ep.load()
-    known = list(BUILTIN) + sorted(ep.name for ep in entry_points(group=ENTRY_POINT_GROUP))
-    raise ModelError(f"model '{name}' is not known; choose one of {', '.join(known)} or give 'package.module:factory'")
-
-
 #: Keys of a weights card (:func:`weights_card`) read from the weights' safetensors metadata or their JSON card.
 CARD_KEYS = ("trained_on", "caveat", "training_range")
 
 
-def builtin_card(name: str) -> dict[str, Any]:
-    """The card of a model without a weights file (``astromae-random``, a plug-in that brings its own)."""
+def static_card(name: str) -> dict[str, Any]:
+    """The card of a model without a weights file: what its registration says (``card``), else "built-in"."""
     card: dict[str, Any] = {"model": name, "file": "built-in", "url": None, "sha256": None, "origin": "built-in",
                             "trained_on": None, "caveat": None, "training_range": None}
-    if name == "astromae-random":
-        card.update(origin="seeded random initialisation", trained_on="nothing (untrained)",
-                    caveat="random weights for tests and benchmarks: the predictions are meaningless")
+    spec = find_spec(name)
+    if spec is not None:
+        card.update({k: v for k, v in spec.card.items() if k in card})
     return card
+
+
+def _registered_origin(url: str) -> str | None:
+    """How a registration describes the weights at ``url`` when they are its default weights (the demo's)."""
+    for spec in registered_specs():
+        if spec.weights_origin and _same_file(url, spec.weights):
+            return spec.weights_origin
+    return None
+
+
+def _same_file(url: str, other: str | None) -> bool:
+    return bool(other) and os.path.abspath(url) == os.path.abspath(other)
 
 
 def weights_card(name: str, url: str, data: bytes, sha256: str) -> dict[str, Any]:
@@ -475,12 +368,10 @@ def weights_card(name: str, url: str, data: bytes, sha256: str) -> dict[str, Any
     if isinstance(info["training_range"], str):
         with contextlib.suppress(ValueError):
             info["training_range"] = json.loads(info["training_range"])
-    demo = name == DEMO_NAME or os.path.abspath(url) == os.path.abspath(demo_weights_path())
-    if demo:
-        origin = "the demo weights shipped with cosmicai"
-    elif meta.get("imported_from"):
+    origin = _registered_origin(url)
+    if origin is None and meta.get("imported_from"):
         origin = f"imported from the authors' checkpoint {storage.basename(str(meta['imported_from']))}"
-    else:
+    elif origin is None:
         origin = "weights from " + url
     return {"model": name, "file": storage.basename(url), "url": url, "sha256": sha256, "origin": origin, **info,
             "training_range": _range_json(parse_training_range(info["training_range"], url))}

@@ -19,7 +19,6 @@ import math
 import os
 import platform
 import socket
-import sys
 import time
 import traceback
 import warnings
@@ -33,11 +32,8 @@ from .. import storage
 from ..data.formats import INPUT_BITS_PER_SAMPLE, Partition, sha256_hex
 from ..errors import CaiError, ConfigError, DataError, OutOfMemoryError
 from .plan import Plan, check_task_digest, current_plan_hash, load_plan
-from ..results import (MAGNITUDE_RANGE, ORIGINAL_KEYS, PHASES, PIXEL_LIMIT, PREDICTION_COLUMNS, error_url,
-                       predictions_url, record_url)
-
-_MODELS: dict[tuple, Any] = {}
-_WORKER_THREADS: int | None = None
+from ..models.worker import worker_models
+from ..results import MAGNITUDE_RANGE, ORIGINAL_KEYS, PHASES, PIXEL_LIMIT, PREDICTION_COLUMNS, RunFolder
 
 
 def out_of_range_rows(data: Partition) -> tuple[np.ndarray, np.ndarray]:
@@ -60,62 +56,9 @@ def out_of_range_rows(data: Partition) -> tuple[np.ndarray, np.ndarray]:
     return mag_bad, pix_bad
 
 
-def configure_worker(threads: int | None) -> None:
-    """Set this process's model threads (backend worker initializers call this once); torch's too, where it is
-    loaded (the ONNX Runtime engine never loads it)."""
-    global _WORKER_THREADS
-    _WORKER_THREADS = threads
-    torch = sys.modules.get("torch")
-    if threads and torch is not None:
-        torch.set_num_threads(int(threads))
-
-
-def _threads_in_use(predictor: Any) -> int:
-    torch = sys.modules.get("torch")
-    if getattr(predictor, "engine", None) == "torch" and torch is not None:
-        return int(torch.get_num_threads())
-    return int(getattr(getattr(predictor, "_run", None), "threads", 0) or _WORKER_THREADS or os.cpu_count() or 1)
-
-
-def worker_threads() -> int | None:
-    """The threads set by :func:`configure_worker` (None: the model loader's default)."""
-    return _WORKER_THREADS
-
-
-def _model_key(model: str, weights: str | None, device: str, mode: str, threads: int | None = None) -> tuple:
-    return (model, weights, device, mode, _WORKER_THREADS if threads is None else threads)
-
-
-def get_model(model: str, weights: str | None, device: str, mode: str, sha256: str | None = None,
-              threads: int | None = None) -> tuple[Any, bool, float]:
-    """The cached predictor for this process: (predictor, loaded_now, load seconds). With ``sha256`` the weights
-    must still be the ones the plan recorded (a cached model of other weights is reloaded and checked).
-    ``threads``: default the worker's (:func:`configure_worker`)."""
-    threads = _WORKER_THREADS if threads is None else threads
-    key = _model_key(model, weights, device, mode, threads)
-    cached = _MODELS.get(key)
-    if cached is not None and (sha256 is None or getattr(cached, "weights_sha256", None) in (None, sha256)):
-        return cached, False, 0.0
-    from ..models.registry import load_model
-
-    t0 = time.perf_counter()
-    predictor = load_model(model, weights=weights, device=device, mode=mode, threads=threads, sha256=sha256)
-    _MODELS[key] = predictor
-    return predictor, True, time.perf_counter() - t0
-
-
 def _model_for(cfg: dict[str, Any], mode: str) -> tuple[Any, bool, float]:
-    """:func:`get_model` for a plan's config in ``mode``."""
-    return get_model(cfg["model"], cfg.get("weights"), cfg["device"], mode, cfg.get("weights_sha256"))
-
-
-def clear_model_cache() -> None:
-    """Forget cached models and fast-mode checks (tests; frees memory)."""
-    _MODELS.clear()
-    _FAST_CHECKS.clear()
-
-
-_FAST_CHECKS: dict[tuple, Any] = {}
+    """This worker's predictor (``WorkerModels.get``) for a plan's config in ``mode``."""
+    return worker_models().get(cfg["model"], cfg.get("weights"), cfg["device"], mode, cfg.get("weights_sha256"))
 
 
 def checked_model(cfg: dict[str, Any], fast: Any, first: Any, sample: str, untrusted: np.ndarray | None = None
@@ -129,9 +72,10 @@ def checked_model(cfg: dict[str, Any], fast: Any, first: Any, sample: str, untru
     process reuses the measurement and records that it paid nothing for it."""
     from ..models.guard import CALIBRATION_ROWS, calibrate, shared_calibrate, shared_key, unchecked
 
+    models = worker_models()
     policy = cfg.get("fast_guard") or "fallback"
-    key = (cfg["model"], cfg.get("weights"), cfg.get("weights_sha256"), cfg["device"], _WORKER_THREADS, policy)
-    check = _FAST_CHECKS.get(key)
+    key = (cfg["model"], cfg.get("weights"), cfg.get("weights_sha256"), cfg["device"], models.threads, policy)
+    check = models.fast_check(key)
     reused = check is not None
     shared = False
     if check is None and policy == "off":
@@ -148,16 +92,17 @@ def checked_model(cfg: dict[str, Any], fast: Any, first: Any, sample: str, untru
                              batch_size=int(cfg["batch_size"]), load_seconds=exact_load)
 
         # once per run: a check another worker process of this run stored (same weights, engine, CPU) is reused
-        check, shared = shared_calibrate(cfg.get("result"), shared_key(
-            cfg["model"], cfg.get("weights_sha256"), str(getattr(fast, "engine", "")), cfg["device"],
-            str(cfg.get("data") or "")), policy, measure)
+        shared_as = shared_key(cfg["model"], cfg.get("weights_sha256"), str(getattr(fast, "engine", "")),
+                               cfg["device"], str(cfg.get("data") or ""))
+        url = RunFolder(cfg["result"]).fast_check(shared_as) if cfg.get("result") and shared_as else None
+        check, shared = shared_calibrate(url, shared_as, policy, measure)
         if check.passed:  # the exact model is not needed any more
-            _MODELS.pop(_model_key(cfg["model"], cfg.get("weights"), cfg["device"], "exact"), None)
+            models.drop(cfg["model"], cfg.get("weights"), cfg["device"], "exact")
         else:
             warnings.warn(f"fast mode deviates from exact by max |dz| {check.max_dz:.2e} (tolerance "
                           f"{check.tolerance:g}) on {check.rows} rows of {sample}: predicting in exact mode",
                           RuntimeWarning, stacklevel=2)
-    _FAST_CHECKS[key] = check
+    models.keep_fast_check(key, check)
     record = check.to_dict()
     if reused:
         record.update(seconds=0.0, measured_by_earlier_task=True)
@@ -177,7 +122,7 @@ def check_fast_once(plan: Plan, rank: int) -> None:
     data, _, _, masks = _fetch_checked(part, bool(cfg.get("drop_nonfinite")))
     if len(data):
         checked_model(cfg, _model_for(cfg, "fast")[0], data, part["name"], untrusted=masks[0] | masks[1])
-    clear_model_cache()  # the workers load their own
+    worker_models().clear()  # the workers load their own
 
 
 def _now() -> str:
@@ -279,7 +224,8 @@ def _fetch_checked(part: dict[str, Any], allow_nonfinite: bool
 
 
 def _stored_record(plan: Plan, rank: int) -> dict[str, Any] | None:
-    url = record_url(plan.result_url, rank)
+    run = RunFolder(plan.result_url)
+    url = run.record(rank)
     if not storage.exists(url):
         return None
     try:
@@ -287,7 +233,7 @@ def _stored_record(plan: Plan, rank: int) -> dict[str, Any] | None:
     except CaiError:
         return None
     if not isinstance(record, dict) or record.get("plan_hash") != plan.plan_hash or not _predictions_intact(
-            record, storage.size(predictions_url(plan.result_url, rank))):
+            record, storage.size(run.prediction(rank))):
         return None
     return record
 
@@ -299,11 +245,11 @@ def _predictions_intact(record: dict[str, Any], size: int | None) -> bool:
 
 def done_ranks(plan: Plan) -> set[int]:
     """Ranks whose record (for this plan hash) and predictions exist: one listing per folder, not per rank."""
-    from ..results import PREDICTIONS_DIR, RANKS_DIR, rank_of
+    from ..results import rank_of
 
-    pred_size = {rank_of(u): n for u, n in
-                 storage.list_files_with_sizes(storage.join(plan.result_url, PREDICTIONS_DIR), ".parquet")}
-    urls = [u for u in storage.list_files(storage.join(plan.result_url, RANKS_DIR), ".json")
+    run = RunFolder(plan.result_url)
+    pred_size = {rank_of(u): n for u, n in storage.list_files_with_sizes(run.predictions_dir, ".parquet")}
+    urls = [u for u in storage.list_files(run.ranks_dir, ".json")
             if rank_of(u) in pred_size and rank_of(u) in plan.tasks]
     done = set()
     for url, record in zip(urls, storage.map_urls(storage.read_json, urls)):
@@ -369,7 +315,7 @@ def _write_error(plan: Plan, rank: int, parts: list[dict], exc: BaseException, s
     if isinstance(exc, DamagedPartitionError):
         info.update(remedy=exc.remedy, damaged_partition=exc.partition)
     try:
-        storage.write_json(error_url(plan.result_url, rank), info)
+        storage.write_json(RunFolder(plan.result_url).error(rank), info)
     except CaiError:
         pass  # the original exception matters more than a failed error report
 
@@ -380,7 +326,7 @@ def record_failure(plan: Plan, rank: int, error_type: str, message: str, recorde
     Keeps the worker's own error report when it wrote one for this plan; returns what is on record, with
     ``status`` "failed", or "ok" when the rank's record exists after all.
     """
-    url = error_url(plan.result_url, rank)
+    url = RunFolder(plan.result_url).error(rank)
     existing = storage.read_json(url) if storage.exists(url) else None
     if isinstance(existing, dict) and existing.get("plan_hash") == plan.plan_hash:
         return {"rank": rank, "status": "failed", "error_type": existing.get("error_type", error_type),
@@ -567,12 +513,13 @@ def _run(plan: Plan, rank: int, parts: list[dict[str, Any]], started: str) -> di
                                                            rank, phases)
     t0 = time.perf_counter()
     pred_bytes = out.parquet()
-    storage.write_bytes(predictions_url(plan.result_url, rank), pred_bytes)
+    run = RunFolder(plan.result_url)
+    storage.write_bytes(run.prediction(rank), pred_bytes)
     phases["write"] = time.perf_counter() - t0
     record = _rank_record(plan, rank, parts, out, phases, time.perf_counter() - wall0, predictor, cold, fast_check,
                           len(pred_bytes), started)
-    storage.write_json(record_url(plan.result_url, rank), record)
-    storage.remove(error_url(plan.result_url, rank))
+    storage.write_json(run.record(rank), record)
+    storage.remove(run.error(rank))
     return record
 
 
@@ -608,7 +555,7 @@ def _rank_record(plan: Plan, rank: int, parts: list[dict[str, Any]], out: _RankO
         "peak_rss_mb": _peak_rss_mb(),
         "cold_start": cold,
         "cpu": {"host": socket.gethostname(), "pid": os.getpid(), "cpu_model": _cpu_model(),
-                "cores": os.cpu_count(), "threads": _threads_in_use(predictor)},
+                "cores": os.cpu_count(), "threads": worker_models().threads_in_use(predictor)},
         "model": cfg["model"],
         "weights": getattr(predictor, "card", None),
         "mode": cfg["mode"],

@@ -44,7 +44,7 @@ from typing import Any, Iterator
 
 from .. import storage
 from ..errors import ConfigError, StorageError
-from ..results import LEASE_NAME
+from ..results import RunFolder
 
 HEARTBEAT_S = 15.0
 STALE_S = 120.0
@@ -528,7 +528,7 @@ class Lease:
     """
 
     def __init__(self, result_url: str, break_stale: bool = False, allow_unsafe: bool = False):
-        self.url = storage.join(result_url, LEASE_NAME)
+        self.url = RunFolder(result_url).lease
         self.result_url = result_url
         self.break_stale = break_stale
         self.allow_unsafe = allow_unsafe

@@ -16,7 +16,7 @@ from typing import Any
 from .. import storage
 from ..config import RunConfig
 from ..errors import CaiError, ConfigError, DataError, StorageError
-from ..results import PLAN_HASH_NAME, PLAN_NAME, RESULT_DIRS, RESULT_FILES, TASK_DIGESTS_NAME, TASKS_NAME
+from ..results import RESULT_DIRS, RunFolder
 
 #: The plan hash alone: what a worker reads to know its task still belongs to the plan under the result path.
 PLAN_FORMAT = "cosmicai-plan"
@@ -118,12 +118,9 @@ def plan_hash(config: dict[str, Any], partitions: list[dict[str, Any]]) -> str:
 
 
 def _partition_dicts(config: RunConfig) -> list[dict[str, Any]]:
-    from ..data.partition import convert_hint, list_partitions
+    from ..data.partition import list_partitions
 
-    refs = list_partitions(config.data)
-    if not refs:
-        raise DataError(convert_hint(config.data) or f"{config.data}: no partitions found (expected *.safetensors or "
-                        f"*.pt files or a manifest.json)")
+    refs = list_partitions(config.data)  # raises, naming the convert command that fits, when there are none
     parts = [{"name": r.name, "url": r.url, "rows": getattr(r, "rows", None), "bytes": getattr(r, "bytes", None),
               "sha256": getattr(r, "sha256", None)} for r in refs]
     if config.file_limit is not None:
@@ -174,7 +171,7 @@ def make_plan(config: RunConfig, contents: tuple[dict[str, Any], list[dict[str, 
     if existing is not None and existing.plan_hash == digest and not config.overwrite:
         if existing.options != options:
             existing.options = options
-            storage.write_json(storage.join(result, PLAN_NAME), existing.to_dict())
+            storage.write_json(RunFolder(result).plan, existing.to_dict())
         _write_tasks(existing)
         return existing
     if existing is not None and not config.overwrite and _same_config(existing.config, cfg, config.world_size is None):
@@ -195,15 +192,15 @@ def make_plan(config: RunConfig, contents: tuple[dict[str, Any], list[dict[str, 
     plan = Plan(result_url=result, plan_hash=digest, config=cfg, partitions=parts, world_size=world,
                 tasks={r: [parts[i] for i in idx] for r, idx in enumerate(assignment)},
                 created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), options=options)
-    storage.write_json(storage.join(result, PLAN_NAME), plan.to_dict(), indent=None)
-    storage.write_json(storage.join(result, PLAN_HASH_NAME), {"plan_hash": plan.plan_hash})
+    storage.write_json(RunFolder(result).plan, plan.to_dict(), indent=None)
+    storage.write_json(RunFolder(result).plan_hash, {"plan_hash": plan.plan_hash})
     _write_tasks(plan)
     return plan
 
 
 def current_plan_hash(result_url: str) -> str | None:
     """The hash of the plan now under ``result_url`` (from the small plan_hash.json, else plan.json)."""
-    url = storage.join(result_url, PLAN_HASH_NAME)
+    url = RunFolder(result_url).plan_hash
     if storage.exists(url):
         raw = storage.read_json(url)
         return raw.get("plan_hash") if isinstance(raw, dict) else None
@@ -226,7 +223,7 @@ def _dataset_changed(plan: Plan, parts: list[dict[str, Any]]) -> None:
         gone = _not_listed(plan.data_url, missing)
         if gone or not added:
             raise DataError(f"{plan.data_url}: partition(s) {', '.join(gone or missing)} planned in "
-                            f"{storage.join(plan.result_url, PLAN_NAME)} are missing from the dataset (deleted or "
+                            f"{RunFolder(plan.result_url).plan} are missing from the dataset (deleted or "
                             f"moved after planning); restore them to resume, or use --overwrite to plan anew")
         # Still there: files added since planning sort before them and take their place within file_limit.
         raise ConfigError(f"{plan.data_url}: partition(s) {', '.join(added)} were added to the dataset since "
@@ -259,10 +256,10 @@ def _write_tasks(plan: Plan) -> None:
     """``task_digests.txt`` (when it differs), then ``tasks.json``: a task item is never out before its digest."""
     tasks = plan.task_list()
     digests = task_digests(tasks)
-    url = storage.join(plan.result_url, TASK_DIGESTS_NAME)
+    url = RunFolder(plan.result_url).task_digests
     if not storage.exists(url) or storage.read_bytes(url) != digests:
         storage.write_bytes(url, digests)
-    url = storage.join(plan.result_url, TASKS_NAME)
+    url = RunFolder(plan.result_url).tasks
     if not storage.exists(url) or storage.read_json(url) != tasks:
         storage.write_json(url, tasks, indent=None)
 
@@ -287,7 +284,7 @@ def stored_task_digest(result_url: str, rank: int) -> str | None:
     """Rank ``rank``'s line of ``task_digests.txt`` (one ranged read), or None when the plan has no task for it.
 
     DataError when the result URL holds no digests (no plan made by this version)."""
-    url = storage.join(result_url, TASK_DIGESTS_NAME)
+    url = RunFolder(result_url).task_digests
     size = storage.size(url)
     if size is None:
         raise DataError(f"{url}: no task digests (plan the run first; a plan made before task digests existed is "
@@ -325,23 +322,23 @@ def check_task_digest(item: dict[str, Any]) -> None:
                           "nothing was run or written")
     if task_digest(item) != stored:
         raise ConfigError(f"{result_url}: the task item for rank {rank} differs from the one the plan wrote "
-                          f"({storage.join(result_url, TASKS_NAME)}); only the plan's own items are run")
+                          f"({RunFolder(result_url).tasks}); only the plan's own items are run")
 
 
 def _planned_ranks(result_url: str) -> str:
-    count = (storage.size(storage.join(result_url, TASK_DIGESTS_NAME)) or 0) // _DIGEST_LINE
+    count = (storage.size(RunFolder(result_url).task_digests) or 0) // _DIGEST_LINE
     return f"ranks 0-{count - 1}" if count else "no ranks"
 
 
 def _existing_plan(result_url: str) -> Plan | None:
-    url = storage.join(result_url, PLAN_NAME)
+    url = RunFolder(result_url).plan
     if not storage.exists(url):
         return None
     return Plan.from_dict(storage.read_json(url), result_url, url)
 
 
 def _has_outputs(result_url: str) -> bool:
-    return any(storage.list_files(storage.join(result_url, d)) for d in RESULT_DIRS)
+    return any(storage.list_files(d) for d in RunFolder(result_url).dirs())
 
 
 def _config_diff(old: dict[str, Any], new: dict[str, Any]) -> str:
@@ -356,19 +353,20 @@ def _config_diff(old: dict[str, Any], new: dict[str, Any]) -> str:
 
 def _own_files(result_url: str, plan: Plan | None) -> set[str]:
     """The files a run with ``plan`` writes under ``result_url``."""
-    from ..results import error_url, predictions_url, record_url
-
-    own = {storage.join(result_url, name) for name in RESULT_FILES}
+    folder = RunFolder(result_url)
+    own = set(folder.files())
+    # The shared fast-mode checks, one file per (weights, engine, CPU) key: any run on this path wrote them.
+    own |= {u for u in storage.list_files(folder.fast_check_dir) if u.endswith(".json")}
     if plan is not None:
         for rank in plan.tasks:
-            own |= {record_url(result_url, rank), predictions_url(result_url, rank), error_url(result_url, rank)}
+            own |= {folder.record(rank), folder.prediction(rank), folder.error(rank)}
     return own
 
 
 def _foreign_files(result_url: str, plan: Plan | None) -> list[str]:
     """Files in the result folders that the run with ``plan`` did not write."""
     own = _own_files(result_url, plan)
-    found = [u for d in RESULT_DIRS for u in storage.list_files(storage.join(result_url, d), recursive=True)]
+    found = [u for d in RunFolder(result_url).dirs() for u in storage.list_files(d, recursive=True)]
     return [u for u in found if u not in own]
 
 
@@ -378,9 +376,10 @@ def clear_results(result_url: str, plan: Plan | None = None) -> None:
     Refuses (ConfigError naming the files) when the result folders hold anything that run did not write, and when
     the result path holds a dataset (a manifest or partition files): ``--overwrite`` never deletes data."""
     from ..data.formats import MANIFEST_NAME
+    from ..data.partition import PARTITION_SUFFIXES
 
     if storage.exists(storage.join(result_url, MANIFEST_NAME)) or storage.list_files(
-            result_url, suffixes=(".safetensors", ".pt")):
+            result_url, suffixes=PARTITION_SUFFIXES):
         raise ConfigError(f"{result_url} holds a dataset (manifest.json or partition files); --overwrite never "
                           "deletes data: choose another result path")
     foreign = _foreign_files(result_url, plan)
@@ -393,7 +392,7 @@ def clear_results(result_url: str, plan: Plan | None = None) -> None:
 
 def load_plan(result_url: str) -> Plan:
     """Read the plan written by :func:`make_plan`; DataError when there is none."""
-    url = storage.join(result_url, PLAN_NAME)
+    url = RunFolder(result_url).plan
     if not storage.exists(url):
         raise DataError(f"{url}: no plan found (run `cai run` or make_plan first)")
     return Plan.from_dict(storage.read_json(url), result_url, url)

@@ -14,24 +14,19 @@ one float64 dz per scored row (for the medians) and a row group or two of predic
 from __future__ import annotations
 
 import contextlib
-import itertools
-import json
 import math
-import os
-from collections import defaultdict, deque
-from concurrent.futures import ThreadPoolExecutor
+import time
+from collections import defaultdict
 from datetime import datetime
 from typing import Any
-from urllib.parse import urlsplit
 
 from .. import storage
 from ..data.formats import INPUT_BITS_PER_SAMPLE
-from ..errors import CaiError, DataError, StorageError
+from ..errors import CaiError, DataError
 from .metrics import MetricsAccumulator, append_grown
 from .plan import Plan, load_plan
 from ..results import MAGNITUDE_RANGE, PHASES, PIXEL_LIMIT, PREDICTION_COLUMNS
-from ..results import (COMBINED_NAME, ERRORS_DIR, ORIGINAL_KEYS, PREDICTIONS_NAME, RANKS_DIR, RUN_NAME, SUMMARY_NAME,
-                      predictions_url, rank_of)
+from ..results import ORIGINAL_KEYS, RunFolder, rank_of
 
 
 
@@ -47,10 +42,10 @@ def _field_list(fields: list[Any]) -> str:
     return "[" + ", ".join(f"{f.name} {f.type}" for f in fields) + "]"
 
 
-def _read_records(plan: Plan, folder: str, reader: "_ObjectReader | None" = None) -> dict[int, dict[str, Any]]:
-    reader = reader or _ObjectReader(plan.result_url)
+def _read_records(plan: Plan, folder: str, reader: "storage.BulkReader | None" = None) -> dict[int, dict[str, Any]]:
+    reader = reader or storage.BulkReader(plan.result_url)
     out = {}
-    urls = [u for u in storage.list_files(storage.join(plan.result_url, folder), ".json") if rank_of(u) is not None]
+    urls = [u for u in storage.list_files(folder, ".json") if rank_of(u) is not None]
     for url, rec in zip(urls, storage.map_urls(reader.read_json, urls, threads=READ_THREADS)):
         if isinstance(rec, BaseException):
             raise rec
@@ -98,8 +93,9 @@ def summarize(result_url: str, allow_failures: bool = False) -> dict[str, Any]:
     Three steps: :func:`_check` the records against the plan, :func:`_collect` the ranks' predictions in one
     streamed pass, :func:`_write` the combined files and the summary.
     """
+    started = time.perf_counter()
     plan = load_plan(result_url)
-    reader = _ObjectReader(result_url)
+    reader = storage.BulkReader(result_url)
     records, errors, failed, missing = _check(result_url, plan, reader)
     gathered = _collect(plan, records, reader)
     try:
@@ -111,18 +107,20 @@ def summarize(result_url: str, allow_failures: bool = False) -> dict[str, Any]:
     except BaseException:
         gathered.abort()
         raise
+    summary["stages"] = {**summary["stages"], "summarize_s": time.perf_counter() - started}
     summary = _clean(summary)
-    storage.write_json(storage.join(result_url, SUMMARY_NAME), summary)
+    storage.write_json(RunFolder(result_url).summary, summary)  # written here only, once per summarize
     if not summary["completeness"]["complete"] and not allow_failures:
         raise IncompleteRunError(incomplete_message(summary))
     return summary
 
 
-def _check(result_url: str, plan: Plan, reader: _ObjectReader) -> tuple[dict[int, dict], dict[int, dict], list[int], list[int]]:
+def _check(result_url: str, plan: Plan, reader: storage.BulkReader) -> tuple[dict[int, dict], dict[int, dict], list[int], list[int]]:
     """The rank records and error reports: ``(records, errors, failed ranks, missing ranks)``; a record of a
     rank the plan does not have is a DataError."""
-    records = _read_records(plan, RANKS_DIR, reader)
-    errors = {r: e for r, e in _read_records(plan, ERRORS_DIR, reader).items() if r not in records}
+    folder = RunFolder(result_url)
+    records = _read_records(plan, folder.ranks_dir, reader)
+    errors = {r: e for r, e in _read_records(plan, folder.errors_dir, reader).items() if r not in records}
     planned = plan.ranks
     stray = sorted(set(records) - set(planned))
     if stray:
@@ -132,7 +130,7 @@ def _check(result_url: str, plan: Plan, reader: _ObjectReader) -> tuple[dict[int
     return records, errors, failed, missing
 
 
-def _collect(plan: Plan, records: dict[int, dict[str, Any]], reader: _ObjectReader) -> _Gathered:
+def _collect(plan: Plan, records: dict[int, dict[str, Any]], reader: storage.BulkReader) -> _Gathered:
     """One pass over the ranks' predictions (redone once with the wider schema if a later rank has a column the
     first lacked); the caller commits or aborts its streamed output."""
     columns: dict[str, Any] | None = None
@@ -240,11 +238,11 @@ def outside_training_range_summary(records: dict[int, dict[str, Any]], weights: 
 def _write(result_url: str, records: dict[int, dict[str, Any]], gathered: _Gathered) -> None:
     """combined_data.json (the records, the original's keys first) and predictions.parquet (committed)."""
     ordered = [_original_first(records[r]) for r in sorted(records)]
-    storage.write_json(storage.join(result_url, COMBINED_NAME), _clean(ordered))
+    storage.write_json(RunFolder(result_url).combined, _clean(ordered))
     if gathered.out is not None:
         gathered.out.commit()
     else:
-        storage.remove(storage.join(result_url, PREDICTIONS_NAME))
+        storage.remove(RunFolder(result_url).predictions)
 
 
 class IdCounter:
@@ -310,13 +308,13 @@ class _Gathered:
     ``columns`` (name -> Arrow type) fixes the output schema; None takes it from the first readable rank."""
 
     def __init__(self, plan: Plan, records: dict[int, dict[str, Any]], columns: dict[str, Any] | None,
-                 reader: "_ObjectReader") -> None:
+                 reader: "storage.BulkReader") -> None:
         self.plan, self.records, self.columns, self.reader = plan, records, columns, reader
         self.problems: list[str] = []
         self.part_done: dict[str, int] = {}
         self.unreadable: list[int] = []
         self.rows_in = self.rows_out = 0
-        self.out: _StreamedParquet | None = None
+        self.out: storage.StreamedParquet | None = None
         self.metrics: MetricsAccumulator | None = None
         self.capacity = sum(int(r.get("rows") or 0) for r in records.values())  # rows the records announce
         self.ids = IdCounter(capacity=self.capacity)
@@ -333,8 +331,8 @@ class _Gathered:
 
         plan, records = self.plan, self.records
         order = sorted(records)
-        urls = [predictions_url(plan.result_url, rank) for rank in order]
-        with contextlib.closing(_read_ahead(self.reader.read_table, urls, READ_AHEAD, READ_THREADS)) as tables:
+        urls = [RunFolder(plan.result_url).prediction(rank) for rank in order]
+        with contextlib.closing(storage.read_ahead(self.reader.read_table, urls, READ_AHEAD, READ_THREADS)) as tables:
             for rank, url, table in zip(order, urls, tables):
                 rec = records[rank]
                 try:
@@ -451,7 +449,7 @@ class _Gathered:
     # -- streaming the output ---------------------------------------------------------------------------
     def _append(self, table: Any) -> None:
         if self.out is None:
-            self.out = _StreamedParquet(storage.join(self.plan.result_url, PREDICTIONS_NAME), table.schema)
+            self.out = storage.StreamedParquet(RunFolder(self.plan.result_url).predictions, table.schema, ROW_GROUP_ROWS)
         if table.num_rows:
             self._buffer.append(table)
             self._buffered += table.num_rows
@@ -478,166 +476,6 @@ class _Gathered:
         if self.out is not None:
             self.out.abort()
             self.out = None
-
-
-class _KeepOpen:
-    """A write-only view of a file object whose ``close`` does not close it (pyarrow closes its sink when the
-    Parquet writer closes; committing or discarding the file is :class:`_StreamedParquet`'s decision)."""
-
-    def __init__(self, fh: Any) -> None:
-        self._fh = fh
-        self.closed = False
-
-    def write(self, data: Any) -> int:
-        return self._fh.write(data)
-
-    def tell(self) -> int:
-        return self._fh.tell()
-
-    def flush(self) -> None:
-        self._fh.flush()
-
-    def writable(self) -> bool:
-        return True
-
-    def close(self) -> None:
-        self.closed = True
-
-
-class _StreamedParquet:
-    """``predictions.parquet`` written row group by row group through :class:`cosmicai.storage.AtomicWriter`, so
-    it appears on :meth:`commit` and :meth:`abort` leaves the old file: readers never see a part."""
-
-    def __init__(self, url: str, schema: Any) -> None:
-        import pyarrow.parquet as pq
-
-        self.url = url
-        self._out = storage.AtomicWriter(url)
-        try:
-            self._writer = pq.ParquetWriter(_KeepOpen(self._out.fh), schema)
-        except storage.REMOTE_ERRORS as exc:
-            self._out.abort()
-            raise storage.storage_error(url, exc, "write") from exc
-
-    def write(self, table: Any) -> None:
-        try:
-            self._writer.write_table(table, row_group_size=ROW_GROUP_ROWS)
-        except storage.REMOTE_ERRORS as exc:
-            raise storage.storage_error(self.url, exc, "write") from exc
-
-    def commit(self) -> None:
-        try:
-            self._writer.close()
-        except storage.REMOTE_ERRORS as exc:
-            self._out.abort()
-            raise storage.storage_error(self.url, exc, "write") from exc
-        self._out.commit()
-
-    def abort(self) -> None:
-        writer = getattr(self, "_writer", None)
-        if writer is not None and writer.is_open:
-            try:
-                writer.close()  # into the view only; the file itself is discarded below
-            except Exception:  # noqa: BLE001 - already failing; the file is thrown away
-                pass
-        self._out.abort()
-
-
-class _ObjectReader:
-    """Whole-object reads for summarize: local files directly, S3 objects through pyarrow's S3 client.
-
-    Summarize reads two small objects per rank (its record and its predictions); through s3fs each GET costs
-    about 2.5 ms of Python CPU under the GIL, which alone is about 50 s at 10,240 ranks. pyarrow's C++ client
-    does the same GETs with a quarter of the CPU and without the GIL. It is configured like ``storage`` (the
-    endpoint from ``storage.s3_endpoint()``, credentials from the standard AWS chain) and used only to read:
-    any failure falls back to ``storage.read_bytes`` for that object, so errors, retries and messages are
-    storage's; after a few failures that storage then read fine, the fast path is switched off for the run."""
-
-    FALLBACKS_BEFORE_OFF = 4
-
-    def __init__(self, result_url: str) -> None:
-        self._fs = _arrow_s3(result_url) if result_url.startswith(("s3://", "s3a://")) else None
-        self._fallbacks = 0
-
-    def read_bytes(self, url: str) -> bytes:
-        fs = self._fs
-        if fs is not None:
-            try:
-                with fs.open_input_stream(url.split("://", 1)[1], compression=None) as fh:
-                    return fh.read()
-            except Exception:  # noqa: BLE001 - storage reads it again and names the problem its own way
-                data = storage.read_bytes(url)
-                self._fallbacks += 1
-                if self._fallbacks >= self.FALLBACKS_BEFORE_OFF:
-                    self._fs = None
-                return data
-        return storage.read_bytes(url)
-
-    def read_json(self, url: str) -> Any:
-        raw = self.read_bytes(url)
-        try:
-            return json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise StorageError(f"{url}: not valid JSON ({exc})") from exc
-
-    def read_table(self, url: str) -> Any:
-        """One rank's predictions table, whole (a damaged file fails here, before anything of it is used)."""
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        path = storage.local_path(url)
-        source = path if path is not None else pa.BufferReader(self.read_bytes(url))
-        return pq.read_table(source, use_threads=False)
-
-
-def _arrow_s3(url: str) -> Any:
-    """A pyarrow S3FileSystem for reading ``url``'s bucket, or None when pyarrow cannot make one here."""
-    try:
-        import pyarrow.fs as pafs
-
-        settings = storage.s3_client_settings()  # the same timeouts and attempts as every other S3 call
-        opts: dict[str, Any] = {"allow_delayed_open": True, "connect_timeout": settings.connect_timeout,
-                                "request_timeout": settings.read_timeout,
-                                "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=settings.max_attempts)}
-        endpoint = storage.s3_endpoint()
-        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-        if endpoint:
-            parts = urlsplit(endpoint if "://" in endpoint else f"https://{endpoint}")
-            opts.update(endpoint_override=parts.netloc + parts.path.rstrip("/"), scheme=parts.scheme or "https")
-        elif not region:
-            region = pafs.resolve_s3_region(url.split("://", 1)[1].split("/", 1)[0])
-        if region:
-            opts["region"] = region
-        return pafs.S3FileSystem(**opts)
-    except Exception:  # noqa: BLE001 - no S3 support in this pyarrow, no region...: storage reads everything
-        return None
-
-
-def _read_ahead(fn: Any, urls: list[str], ahead: int = READ_AHEAD, threads: int = READ_THREADS) -> Any:
-    """``fn(url)`` for each url, yielded in order, with at most ``ahead`` calls started and not yet consumed
-    (on ``threads`` threads); an exception is yielded in place of its result."""
-    if not urls:
-        return
-    pool = ThreadPoolExecutor(max_workers=max(1, min(threads, len(urls))), thread_name_prefix="cai-summarize")
-    pending: deque = deque()
-    try:
-        it = iter(urls)
-        for url in itertools.islice(it, ahead):
-            pending.append(pool.submit(fn, url))
-        while pending:
-            future = pending.popleft()
-            nxt = next(it, None)
-            if nxt is not None:
-                pending.append(pool.submit(fn, nxt))
-            try:
-                result = future.result()
-            except Exception as exc:  # noqa: BLE001 - handed back to the caller, who names the URL
-                result = exc
-            yield result
-    finally:
-        for future in pending:
-            future.cancel()
-        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _as_dictionary(col: Any) -> Any:
@@ -697,9 +535,9 @@ def _original_first(rec: dict[str, Any]) -> dict[str, Any]:
 def _timing(plan: Plan, records: dict[int, dict[str, Any]], rows_out: int) -> dict[str, Any]:
     recs = list(records.values())
     busy = _busy_seconds(recs) if recs else 0.0
-    run_info = storage.read_json(storage.join(plan.result_url, RUN_NAME)) \
-        if storage.exists(storage.join(plan.result_url, RUN_NAME)) else {}
-    stage = run_info.get("stages", {}) if run_info.get("plan_hash") == plan.plan_hash else {}
+    run_url = RunFolder(plan.result_url).run
+    run_info = storage.read_json(run_url) if storage.exists(run_url) else {}
+    stage = dict(run_info.get("stages", {})) if run_info.get("plan_hash") == plan.plan_hash else {}
     # The backend-measured map stage includes worker start-up; use it when that run did every rank.
     if stage.get("map_s") and set(run_info.get("ranks_run", [])) >= set(records) and records:
         map_s, source = float(stage["map_s"]), "backend map stage (includes worker start-up)"

@@ -6,44 +6,39 @@ import dataclasses
 import os
 import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 from .. import storage
 from ..config import URL_FIELDS, RunConfig, canonical_url, parse_task_timeout
 from ..errors import CaiError
 from ..pipeline.infer import check_fast_once, done_ranks, record_failure, run_task
 from ..pipeline.lease import Lease, describe
-from ..results import PLAN_NAME, RUN_NAME, SUMMARY_NAME
+from ..pipeline.report import format_report
+from ..results import RunFolder, RunResult
+from .registry import backend_options, make_backend as build_backend
 from ..pipeline.plan import make_plan, plan_contents
 from ..pipeline.summarize import IncompleteRunError, incomplete_message, summarize
 
 
-def _make_backend(config: RunConfig) -> Any:
-    from ..backends.base import get_backend
-
-    options = dict(config.backend_options)
-    options.setdefault("workers", config.workers)
-    options.setdefault("threads", config.threads)
-    if config.backend != "local":
-        options.setdefault("scheduler", config.scheduler)
-        options.setdefault("device", config.device)
-    return get_backend(config.backend, **options)
-
-
-def run(config: RunConfig, backend: Any = None, progress: bool = True, report: bool | None = None) -> dict[str, Any]:
-    """Plan, run the missing ranks on ``backend`` (default: from ``config.backend``) and summarize.
+def run(config: RunConfig, backend: Any = None, progress: bool = True, report: bool | None = None,
+        make_backend: Callable[[RunConfig], Any] | None = None) -> dict[str, Any]:
+    """Plan, run the missing ranks on a backend and summarize: ``backend`` (kept open), else the one
+    ``make_backend(config)`` gives (its caller closes it), else a new one of ``config.backend``, closed at the end.
+    The backend is built only when ranks remain to be done.
 
     Returns the summary (with ``stages`` and ``failures``); prints the report when ``report`` (default: same as
     ``progress``). Raises IncompleteRunError when ranks failed, unless ``config.allow_failures``.
     """
     config = canonical_config(config)
+    if backend is not None:
+        make_backend = lambda _config: backend  # noqa: E731
     if not config.endpoint:
-        return _run(config, backend, progress, report)
+        return _run(config, make_backend, progress, report)
     # Workers (spawned processes included) read the endpoint from the environment; restore it afterwards.
     before = os.environ.get("CAI_S3_ENDPOINT")
     os.environ["CAI_S3_ENDPOINT"] = config.endpoint
     try:
-        return _run(config, backend, progress, report)
+        return _run(config, make_backend, progress, report)
     finally:
         if before is None:
             os.environ.pop("CAI_S3_ENDPOINT", None)
@@ -67,7 +62,7 @@ def _older_spelling(config: RunConfig) -> RunConfig:
     if config.overwrite:
         return config
     try:
-        url = storage.join(config.result, PLAN_NAME)
+        url = RunFolder(config.result).plan
         stored = storage.read_json(url) if storage.exists(url) else None
     except CaiError:
         return config
@@ -86,7 +81,7 @@ def _older_spelling(config: RunConfig) -> RunConfig:
     return dataclasses.replace(config, **spelled)
 
 
-def _run(config: RunConfig, backend: Any, progress: bool, report: bool | None) -> dict[str, Any]:
+def _run(config: RunConfig, make_backend: Callable[[RunConfig], Any] | None, progress: bool, report: bool | None) -> dict[str, Any]:
     config = _older_spelling(config)
     _check_before_planning(config)
     contents = plan_contents(config)  # data and weights problems are named here, before anything is written
@@ -100,7 +95,7 @@ def _run(config: RunConfig, backend: Any, progress: bool, report: bool | None) -
         if lease.took_over is not None:
             print(f"note: took over the lease of {config.result} ({describe(lease.took_over)})",
                   file=sys.stderr)
-        return _run_leased(config, backend, progress, report, contents)
+        return _run_leased(config, make_backend, progress, report, contents)
 
 
 def _check_before_planning(config: RunConfig) -> None:
@@ -124,8 +119,9 @@ def _finished_summary(config: RunConfig, digest: str) -> dict[str, Any] | None:
     if config.overwrite:
         return None
     try:
-        summary_url = storage.join(config.result, SUMMARY_NAME)
-        if not storage.exists(summary_url) or not storage.exists(storage.join(config.result, PLAN_NAME)):
+        folder = RunFolder(config.result)
+        summary_url = folder.summary
+        if not storage.exists(summary_url) or not storage.exists(folder.plan):
             return None
         stored = storage.read_json(summary_url)
         if not isinstance(stored, dict) or not (stored.get("completeness") or {}).get("complete"):
@@ -135,7 +131,7 @@ def _finished_summary(config: RunConfig, digest: str) -> dict[str, Any] | None:
     return stored if stored.get("plan_hash") == digest else None
 
 
-def _run_leased(config: RunConfig, backend: Any, progress: bool, report: bool | None,
+def _run_leased(config: RunConfig, make_backend: Callable[[RunConfig], Any] | None, progress: bool, report: bool | None,
                 contents: tuple[dict[str, Any], list[dict[str, Any]], str]) -> dict[str, Any]:
     t0 = time.perf_counter()
     plan = make_plan(config, contents)
@@ -144,7 +140,8 @@ def _run_leased(config: RunConfig, backend: Any, progress: bool, report: bool | 
     todo = [t for t in plan.task_list() if t["rank"] not in done]
     resumed = len(plan.ranks) - len(todo)
 
-    owned = backend is None
+    owned = make_backend is None
+    backend = None
     t1 = time.perf_counter()
     failures: dict[int, BaseException] = {}
     ran: list[int] = []
@@ -158,7 +155,10 @@ def _run_leased(config: RunConfig, backend: Any, progress: bool, report: bool | 
                 check_fast_once(plan, todo[0]["rank"])
             except (CaiError, OSError):
                 pass  # the ranks meet the same problem and report it by name
-        backend = backend or _make_backend(config)
+        if make_backend is None:
+            backend = build_backend(config.backend, **backend_options(config))
+        else:
+            backend = make_backend(config)
         bar = _progress_bar(plan, todo) if progress else None
         timeouts = TaskTimeouts(config.task_timeout)
         results = (backend.map(run_task, todo, timeouts=timeouts) if timeouts.enabled and accepts_timeouts(backend)
@@ -181,25 +181,55 @@ def _run_leased(config: RunConfig, backend: Any, progress: bool, report: bool | 
             if owned:
                 backend.close()
     map_s = time.perf_counter() - t1
-    run_info = {"plan_hash": plan.plan_hash, "backend": getattr(backend, "name", config.backend),
+    run_info = {"plan_hash": plan.plan_hash, "backend": getattr(backend, "name", None) or config.backend,
                 "ranks_run": sorted(ran), "ranks_resumed": resumed, "ranks_failed": sorted(failures),
                 "stages": {"plan_s": plan_s, "map_s": map_s if ran else None}}
     for rank, exc in sorted(failures.items()):  # name ranks whose worker died before writing errors/<rank>.json
         record_failure(plan, rank, type(exc).__name__, str(exc) or repr(exc), recorded_by="backend")
-    storage.write_json(storage.join(config.result, RUN_NAME), run_info)
-    t2 = time.perf_counter()
+    storage.write_json(RunFolder(config.result).run, run_info)  # written once; summarize reads its stages
     summary = summarize(config.result, allow_failures=True)
-    # Record the summarize stage too, so summary.json (and any later `summarize`) carries all three stages.
-    run_info["stages"]["summarize_s"] = time.perf_counter() - t2
-    summary["stages"] = dict(run_info["stages"])
-    storage.write_json(storage.join(config.result, RUN_NAME), run_info)
-    storage.write_json(storage.join(config.result, SUMMARY_NAME), summary)
     summary["ranks_run"], summary["ranks_resumed"] = len(ran), resumed
     if (report if report is not None else progress):
         print(format_report(summary))
     if not summary["completeness"]["complete"] and not config.allow_failures:
         raise IncompleteRunError(incomplete_message(summary))
     return summary
+
+
+class PipelineRunner:
+    """A ``backend`` entry as a runner: plan here, ``backend.map(run_task)`` over the ranks, summarize here. The
+    backend is built on the first run that has ranks to do, from that run's options, and serves every later run
+    until :meth:`close`."""
+
+    def __init__(self, name: str):
+        self.name, self.backend = name, None
+
+    def _backend_for(self, config: RunConfig) -> Any:
+        if self.backend is None:
+            self.backend = build_backend(self.name, **backend_options(config))
+        return self.backend
+
+    def run(self, config: RunConfig | dict[str, Any], *, progress: bool = False, report: bool = False) -> RunResult:
+        """Run ``config`` (a RunConfig, or a mapping :func:`config.load_config` accepts) here and on the backend."""
+        from ..config import load_config
+
+        if not isinstance(config, RunConfig):
+            config, _ = load_config(dict(config), backend=self.name)
+        elif config.backend != self.name:
+            config = dataclasses.replace(config, backend=self.name)
+        summary = run(config, make_backend=self._backend_for, progress=progress, report=report)
+        return RunResult(summary.get("result_url") or config.result, summary)
+
+    def close(self) -> None:
+        if self.backend is not None:
+            backend, self.backend = self.backend, None
+            backend.close()
+
+    def __enter__(self) -> "PipelineRunner":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
 
 def _progress_bar(plan: Any, todo: list[dict]) -> Any:
@@ -210,104 +240,3 @@ def _progress_bar(plan: Any, todo: list[dict]) -> Any:
     total = None if any(r is None for r in rows) else sum(rows)
     return tqdm(total=total, unit="rows", desc=f"infer {len(plan.partitions)} partitions",
                 file=sys.stderr, dynamic_ncols=True)
-
-
-def _fmt(value: Any, spec: str = ".3g", unit: str = "") -> str:
-    if value is None:
-        return "n/a"
-    return f"{value:{spec}}{unit}"
-
-
-def _weights_lines(summary: dict[str, Any]) -> list[str]:
-    """The weights used (file or built-in, sha256, origin, what they were trained on, their caveat) and the
-    predictions outside their training range."""
-    w = summary.get("weights")
-    if not isinstance(w, dict):
-        return []
-    sha = f", sha256 {w['sha256'][:12]}" if w.get("sha256") else ""
-    origin = f": {w['origin']}" if w.get("origin") else ""
-    lines = [f"  weights: {w.get('model')} ({w.get('file') or 'built-in'}{sha}){origin}"]
-    if w.get("trained_on"):
-        lines.append(f"  trained on: {w['trained_on']}")
-    if w.get("caveat"):
-        lines.append(f"  NOTE: {w['caveat']}")
-    out = summary.get("outside_training_range")
-    if isinstance(out, dict):
-        if out.get("known"):
-            lo, hi = out["range"]
-            more = " ..." if out["n_partitions"] > len(out["partitions"]) else ""
-            where = f", in {out['n_partitions']} partition(s): {', '.join(out['partitions'])}{more}" if out["rows"] \
-                else ""
-            lines.append(f"  outside the training range z {lo:g}..{hi:g}: {out['rows']} row(s) (column "
-                         f"outside_training_range; scored like the rest){where}")
-        else:
-            lines.append("  training range of these weights: unknown (no prediction is marked outside it)")
-    return lines
-
-
-def format_report(summary: dict[str, Any]) -> str:
-    """The human report of a summary: stages, phases, throughput, workers, memory, metrics, completeness."""
-    comp = summary.get("completeness", {})
-    st = summary.get("stages") or {}
-    lines = [f"run {summary.get('result_url')}  (model {summary.get('model')}, mode {summary.get('mode')}, "
-             f"batch {summary.get('batch_size')}, {comp.get('ranks_planned')} ranks)",
-             f"  complete: {comp.get('complete')}  ranks {comp.get('ranks_done')}/{comp.get('ranks_planned')}  "
-             f"partitions {comp.get('partitions_done')}/{comp.get('partitions_planned')}  "
-             f"rows in {comp.get('rows_in')} / out {comp.get('rows_out')}"]
-    lines.extend(_weights_lines(summary))
-    if comp.get("missing_ranks"):
-        lines.append(f"  missing ranks: {comp['missing_ranks']}")
-    for f in summary.get("failures", []):
-        lines.append(f"  FAILED rank {f['rank']} {f['partitions']}: {f['error_type']}: {f['message']}")
-    for p in comp.get("problems", []):
-        lines.append(f"  problem: {p}")
-    bad = summary.get("nonfinite_predictions") or {}
-    if bad.get("rows"):
-        more = " ..." if bad["n_partitions"] > len(bad["partitions"]) else ""
-        lines.append(f"  non-finite predictions: {bad['rows']} row(s) flagged, {bad['from_finite_inputs']} from finite "
-                     f"inputs, in {bad['n_partitions']} partition(s): {', '.join(bad['partitions'])}{more}")
-    oor = summary.get("out_of_range") or {}
-    if oor.get("rows"):
-        more = " ..." if oor["n_partitions"] > len(oor["partitions"]) else ""
-        lo, hi = oor["magnitude_range"]
-        lines.append(f"  out-of-range inputs: {oor['rows']} row(s) flagged, predicted but not scored "
-                     f"({oor['magnitudes']} with magnitudes outside {lo:g}..{hi:g}, {oor['pixels']} with pixels "
-                     f"beyond +-{oor['pixel_limit']:g}), in {oor['n_partitions']} partition(s): "
-                     f"{', '.join(oor['partitions'])}{more}")
-    dup = summary.get("duplicate_ids") or {}
-    if dup.get("rows"):
-        lines.append(f"  duplicate object ids: {dup['ids']} id(s) appear more than once ({dup['rows']} extra row(s)), "
-                     f"e.g. {', '.join(map(str, dup['examples']))}")
-    fc = summary.get("fast_check")
-    if fc:
-        if fc.get("max_dz") is None:
-            lines.append("  fast mode: guard off (fast not compared with exact on these weights)")
-        else:
-            fell = fc.get("ranks_in_exact") or []
-            lines.append(f"  fast mode: max |dz| vs exact {fc['max_dz']:.2e} on {fc['rows_compared']} calibration "
-                         f"rows (tolerance {fc['tolerance']:g}, {fc['seconds']:.2f} s)"
-                         + (f"; OVER TOLERANCE: {len(fell)} rank(s) predicted in exact mode instead" if fell
-                            else "; predictions in fast mode"))
-    lines.append("  stages (wall s): plan " + _fmt(st.get("plan_s"), ".2f") + ", map " + _fmt(st.get("map_s"), ".2f")
-                 + ", summarize " + _fmt(st.get("summarize_s"), ".2f")
-                 + (f"  [{summary.get('ranks_resumed')} rank(s) resumed]" if summary.get("ranks_resumed") else ""))
-    ph = summary.get("phases_total_s") or {}
-    lines.append("  phases (s, summed over ranks): " + ", ".join(f"{k} {v:.2f}" for k, v in ph.items()))
-    lines.append(f"  throughput: {_fmt(summary.get('samples_per_s'), '.1f')} samples/s, "
-                 f"{_fmt((summary.get('throughput_bps') or 0) / 1e6, '.2f')} Mbit/s over a map stage of "
-                 f"{_fmt(summary.get('map_wall_s'), '.2f')} s ({summary.get('map_wall_source')})")
-    for name, w in (summary.get("workers") or {}).items():
-        lines.append(f"  worker {name}: {w['tasks']} task(s), {w['rows']} rows, "
-                     f"{_fmt(w.get('samples_per_s'), '.1f')} samples/s")
-    lines.append(f"  peak memory: {_fmt(summary.get('peak_rss_mb'), '.0f')} MB RSS per worker (max); "
-                 f"cold starts {summary.get('cold_starts')}")
-    m = summary.get("metrics")
-    if m:
-        lines.append(f"  metrics (n={m['n']}, excluded {m['n_excluded']}): MAE {_fmt(m['MAE'], '.4f')}  "
-                     f"MSE {_fmt(m['MSE'], '.5f')}  Bias {_fmt(m['Bias'], '.4f')}  "
-                     f"Precision {_fmt(m['Precision'], '.4f')}  R2 {_fmt(m['R2'], '.4f')}  "
-                     f"outliers {_fmt(m['outlier_fraction'], '.3f')}")
-    if summary.get("catalog_columns"):
-        lines.append(f"  catalogue columns carried into predictions.parquet: {', '.join(summary['catalog_columns'])}")
-    lines.append(f"  outputs: {summary.get('result_url')}/{{predictions.parquet,summary.json,combined_data.json}}")
-    return "\n".join(lines)

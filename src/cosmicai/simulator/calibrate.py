@@ -30,9 +30,9 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from ..backends.aws.limits import MAX_MEMORY_MB
-from ..errors import DataError
 from ..analysis.cost import lambda_cost
+from ..errors import DataError
+from ..lambda_limits import MAX_MEMORY_MB
 from .simulate import DEFAULT_PARAMS, MIB, Params, Workload, simulate
 
 #: The memory of the original's published runs: Lambda's maximum.
@@ -243,7 +243,7 @@ def format_table(rows: Sequence[Row]) -> str:
         lines.append(f"{c.source:<21} {c.metric:<6} {c.partition_mb:>7g} {c.data_gb:>8g} {c.ranks:>6} "
                      f"{c.observed_s:>11.1f} {runs:>20} {r.predicted_s:>11.1f} {r.error:>+7.1%}")
     errs = [abs(r.error) for r in rows]
-    lines.append(f"cells: {len(rows)}  median |error|: {np.median(errs):.1%}  mean |error|: "
+    lines.append(f"cells: {len(rows)}  median |error|: {median_ape(rows):.1%}  mean |error|: "
                  f"{np.mean(errs):.1%}  within 20%: {sum(e <= 0.2 for e in errs)}/{len(errs)}")
     return "\n".join(lines)
 

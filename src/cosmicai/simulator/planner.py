@@ -22,8 +22,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..backends.aws.limits import LAMBDA_TIMEOUT_S, MAP_MAX_CHILDREN, MAX_MEMORY_MB, MIN_MEMORY_MB
 from ..errors import ConfigError
+from ..lambda_limits import LAMBDA_TIMEOUT_S, MAP_MAX_CHILDREN, MAX_MEMORY_MB, MIN_MEMORY_MB
 from .simulate import DEFAULT_PARAMS, MIB, Params, Workload, lambda_vcpus, simulate
 
 DEFAULT_PARTITIONS_MB: tuple[float, ...] = (25, 50, 100, 200, 400)

@@ -23,13 +23,12 @@ from typing import Any
 
 import numpy as np
 
-# the Lambda / Step Functions service limits the model obeys
-from ..backends.aws.limits import (LAMBDA_ACCOUNT_CONCURRENCY, LAMBDA_BURST_INTERVAL_S, LAMBDA_BURST_STEP,
-                                   MAP_MAX_CHILDREN, MAX_MEMORY_MB, MAX_VCPUS, MB_PER_VCPU,
-                                   MIN_MEMORY_MB)
+from ..analysis.cost import lambda_cost
 from ..data.formats import LEGACY_SAMPLE_BYTES
 from ..errors import ConfigError
-from ..analysis.cost import lambda_cost
+# the Lambda / Step Functions service limits the model obeys
+from ..lambda_limits import (LAMBDA_ACCOUNT_CONCURRENCY, LAMBDA_BURST_INTERVAL_S, LAMBDA_BURST_STEP,
+                             MAP_MAX_CHILDREN, MAX_MEMORY_MB, MAX_VCPUS, MB_PER_VCPU, MIN_MEMORY_MB)
 
 MIB = 1024**2
 

@@ -214,9 +214,9 @@ def upload_dataset(local_dir: str, data_url: str) -> int:
 def read_summary(result_url: str) -> dict[str, Any] | None:
     """The run's summary.json, or None when Summarize did not write one."""
     from ... import storage
-    from ...results import SUMMARY_NAME
+    from ...results import RunFolder
 
     try:
-        return storage.read_json(storage.join(result_url, SUMMARY_NAME))
+        return storage.read_json(RunFolder(result_url).summary)
     except StorageError:
         return None

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ...errors import ConfigError
-from .limits import (LAMBDA_TIMEOUT_S, MAP_MAX_CHILDREN, MAX_EPHEMERAL_MB, MAX_MEMORY_MB, MIN_EPHEMERAL_MB,
+from ...lambda_limits import (LAMBDA_TIMEOUT_S, MAP_MAX_CHILDREN, MAX_EPHEMERAL_MB, MAX_MEMORY_MB, MIN_EPHEMERAL_MB,
                      MIN_MEMORY_MB, MIN_TIMEOUT_S)
 
 if TYPE_CHECKING:

@@ -51,15 +51,16 @@ def _env_bool(name: str, default: bool) -> bool:
 
 
 def warm_model() -> float | None:
-    """Load ``CAI_MODEL`` into the pipeline's per-process model cache; returns the seconds it took."""
+    """Load ``CAI_MODEL`` into this worker's models (``WorkerModels``); returns the seconds it took."""
     name = os.environ.get("CAI_MODEL")
     if not name:
         return None
-    from ...pipeline.infer import configure_worker, get_model
+    from ...models.worker import worker_models
 
+    models = worker_models()
     if os.environ.get("CAI_THREADS"):
-        configure_worker(_env_number("CAI_THREADS", 1))
-    _, _, seconds = get_model(name, os.environ.get("CAI_WEIGHTS") or None, "cpu", os.environ.get("CAI_MODE", "exact"))
+        models.configure(_env_number("CAI_THREADS", 1))
+    _, _, seconds = models.get(name, os.environ.get("CAI_WEIGHTS") or None, "cpu", os.environ.get("CAI_MODE", "exact"))
     return seconds
 
 
@@ -87,7 +88,7 @@ def _run_config(event: Any) -> tuple[dict[str, Any], dict[str, Any], str | None]
 
 def _map_settings(options: dict[str, Any]) -> tuple[int, float]:
     """(MaxConcurrency, ToleratedFailurePercentage) of the run: its 'aws' options, else the stack's defaults."""
-    from .limits import MAP_MAX_CHILDREN
+    from ...lambda_limits import MAP_MAX_CHILDREN
 
     concurrency = options["max_concurrency"] if "max_concurrency" in options else _env_number("CAI_MAX_CONCURRENCY", 0)
     percent = options.get("tolerated_failure_percentage",
@@ -115,7 +116,7 @@ def initialize(event: Any, context: Any = None) -> dict[str, Any]:
         if place is None:
             raise ConfigError("Initialize event: no 'result' URL and no CAI_RESULT_BUCKET to put the run under")
         run_id = execution or time.strftime("run-%Y%m%dT%H%M%SZ", time.gmtime())
-        overrides["result"] = place.url + run_id
+        overrides["result"] = trust.run_result_url(place.url, run_id)
     for key, var in (("model", "CAI_MODEL"), ("weights", "CAI_WEIGHTS"), ("mode", "CAI_MODE")):
         if key not in raw and os.environ.get(var):
             overrides[key] = os.environ[var]

@@ -96,6 +96,12 @@ def location(what: str) -> Location | None:
     return Location(what, bucket, canonical[len(f"s3://{bucket}"):].lstrip("/"))
 
 
+def run_result_url(location_url: str, run_name: str) -> str:
+    """An AWS run's result URL when its config names none: the stack's result location, then the run's name (the
+    execution's). Used by the runner that starts the execution and by the Initialize function alike."""
+    return location_url.rstrip("/") + "/" + run_name
+
+
 def _outside(field: str, url: str, canonical: str, places: list[Location]) -> ConfigError:
     spelled = f" (read as {canonical})" if canonical != url else ""
     where = " or ".join(p.url for p in places)
@@ -151,10 +157,11 @@ def weights_url(url: Any, field: str = "weights") -> str | None:
 
 
 def allowed_models() -> list[str]:
-    """The models this stack runs: the built-in names, ``CAI_MODEL`` and ``CAI_ALLOWED_MODELS``."""
-    from ...models.engines import BUILTIN
+    """The models this stack runs: the shipped ones (registered in the image's code, not by entry points), ``CAI_MODEL``
+    and ``CAI_ALLOWED_MODELS``."""
+    from ...models.catalog import available_models
 
-    names = list(BUILTIN)
+    names = available_models(entry_points=False)
     for name in [os.environ.get("CAI_MODEL", "")] + re.split(r"[,\s]+", os.environ.get("CAI_ALLOWED_MODELS", "")):
         if name and name not in names:
             names.append(name)

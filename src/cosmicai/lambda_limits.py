@@ -1,8 +1,9 @@
 """AWS Lambda and Step Functions service limits: the one place they are written down.
 
-Imported by the deploy settings (``cai aws deploy`` validation), the cost model, the simulator and the
-planner; it needs nothing but the standard library (no boto3), so the analysis layer can read it.
-``template.yaml`` repeats the ranges as CloudFormation parameter bounds; tests/test_import_layers.py checks
+Plain constants, imported by the AWS runner (deploy settings, handlers), ``cai aws``, the cost model
+(:mod:`cosmicai.analysis.cost`), the simulator and the planner. It imports nothing (no boto3, no cosmicai
+module), so the analysis and simulator layers read it without depending on a runner or backend. The AWS
+stack's ``template.yaml`` repeats the ranges as CloudFormation parameter bounds; tests/test_import_layers.py checks
 that they agree with these.
 """
 
@@ -33,8 +34,3 @@ MAP_MAX_CHILDREN = 10_000
 LAMBDA_ACCOUNT_CONCURRENCY = 1000
 LAMBDA_BURST_STEP = 1000
 LAMBDA_BURST_INTERVAL_S = 10.0
-
-#: Payload limits: a Step Functions state's input/output (256 KiB) and a synchronous Lambda invocation's
-#: request or response (6 MB).
-STATE_PAYLOAD_MAX_BYTES = 256 * 1024
-LAMBDA_PAYLOAD_MAX_BYTES = 6 * 1024 * 1024

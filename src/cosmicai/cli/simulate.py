@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Any
 
-from ..backends.aws.limits import LAMBDA_ACCOUNT_CONCURRENCY
+from ..lambda_limits import LAMBDA_ACCOUNT_CONCURRENCY
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -28,10 +28,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ModelError, UnsafePickleError
-from .weights_io import USE_WEIGHTS as _USE
-from ..torchzip import check_zip_sizes, read_member
-from .weights_io import InputNorm, file_kind, load_safetensors, refuse_kind
+from ...errors import ModelError, UnsafePickleError
+from ..weights_io import USE_WEIGHTS as _USE
+from ...torchzip import check_zip_sizes, read_member
+from ..weights_io import InputNorm, file_kind, load_safetensors, refuse_kind
 
 #: The original model's own classes, and timm 0.4.12 classes it contains (module -> class names).
 ORIGINAL_CLASSES: dict[str, set[str]] = {
@@ -267,7 +267,7 @@ def authors_name(ours: str) -> str:
 
 def known_unused(net: nn.Module) -> dict[str, str]:
     """Regex (authors' names) -> reason, for the tensors their checkpoint holds that AstroMAE has no place for."""
-    from .astromae import AstroMAE, InceptionBlock
+    from .network import AstroMAE, InceptionBlock
 
     model = next(m for m in net.modules() if isinstance(m, AstroMAE))
     out = {r"inception_model\.vis_inception\.0\.(weight|bias)": DUPLICATE_REASON}
@@ -381,20 +381,14 @@ def _check_duplicate(state: dict[str, torch.Tensor], out: dict[str, torch.Tensor
             report.dropped.pop(seq, None)
 
 
-def map_keys(state: dict[str, torch.Tensor], target: nn.Module, source: str = "checkpoint"
-             ) -> OrderedDict[str, torch.Tensor]:
-    """:func:`map_state_dict` without the report."""
-    return map_state_dict(state, target, source)[0]
-
-
 def read_checkpoint(data: bytes, source: str = "weights"
                     ) -> tuple[OrderedDict[str, torch.Tensor], InputNorm, ImportReport]:
     """State dict (our names), input normalisation and import report, from safetensors weights, a plain ``.pt``
     state dict (ours or the authors', with or without ``module.``), or the authors' pickled full-model
     checkpoint (read with the restricted unpickler). Damaged or foreign files raise ModelError saying what
     the file is and what to do."""
-    from .astromae import build_astromae
-    from .weights_io import NORM_KEY
+    from .network import build_astromae
+    from ..weights_io import NORM_KEY
 
     kind = file_kind(data)
     refuse_kind(kind, data, source)
@@ -437,7 +431,7 @@ def state_from_bytes(data: bytes, source: str = "weights") -> tuple[dict[str, to
 def import_checkpoint(data: bytes, source: str = "checkpoint") -> tuple[bytes, ImportReport]:
     """Convert the authors' checkpoint (or a .pt state dict) into our safetensors weights (fp32); returns the
     bytes and the report naming what was mapped and dropped."""
-    from .astromae import build_astromae
+    from .network import build_astromae
     from .weights_torch import load_into, save_weights
 
     state, norm, report = read_checkpoint(data, source)

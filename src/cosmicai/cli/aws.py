@@ -10,7 +10,8 @@ import tempfile
 import time
 from typing import Any, Callable
 
-from ..backends.aws.limits import (LAMBDA_TIMEOUT_S, MAX_EPHEMERAL_MB, MAX_MEMORY_MB, MIN_EPHEMERAL_MB,
+from .run import short_cause, add_aws_run_args, add_aws_target_args, run_whole
+from ..lambda_limits import (LAMBDA_TIMEOUT_S, MAX_EPHEMERAL_MB, MAX_MEMORY_MB, MIN_EPHEMERAL_MB,
                                    MIN_MEMORY_MB)
 
 
@@ -68,10 +69,11 @@ def register(subparsers: Any) -> None:
                    "commands are only printed")
     d.set_defaults(func=_one_line(cmd_deploy))
 
-    r = sub.add_parser("run", help="start a named execution, follow it, print the summary",
+    r = sub.add_parser("run", help="start a named execution, follow it, print the summary (= cai run --backend aws)",
                        description="Starts a NAMED execution of the deployed state machine with the run config "
                        "as input, shows live progress from the Distributed Map's item counts, then downloads "
-                       "and prints summary.json. Exit 0 when the execution succeeded.")
+                       "and prints summary.json. Exit 0 when the execution succeeded. The same as "
+                       "`cai run --backend aws`.")
     r.add_argument("config", nargs="?", help="run config file/URL (native or the original CAI payload)")
     r.add_argument("--data", help="dataset URL (s3://bucket/prefix)")
     r.add_argument("--result", help="result URL (default: the stack's result location / execution name)")
@@ -82,16 +84,9 @@ def register(subparsers: Any) -> None:
                    help="number of ranks, one Lambda each (default: one per partition)")
     r.add_argument("--allow-failures", action="store_true", default=None, dest="allow_failures",
                    help="succeed and summarize what finished even when ranks failed (default: the stack's)")
-    r.add_argument("--max-concurrency", type=int, dest="max_concurrency", help="override the stack's default")
-    r.add_argument("--tolerated-failure-percentage", type=float, dest="tolerated_failure_percentage",
-                   help="override the stack's Distributed Map ToleratedFailurePercentage (0-100)")
-    _target_args(r)
-    r.add_argument("--name", help="execution name (default cai-<time>-<random>); also the result folder")
-    r.add_argument("--upload", metavar="DIR", help="first copy this local dataset folder to --data")
-    r.add_argument("--poll", type=float, default=5.0, help="seconds between progress polls")
-    r.add_argument("--timeout", type=float, help="stop following after this many seconds")
-    r.add_argument("--no-wait", action="store_true", dest="no_wait", help="start it and print its ARN")
-    r.set_defaults(func=_one_line(cmd_run))
+    add_aws_target_args(r)
+    add_aws_run_args(r)
+    r.set_defaults(func=_one_line(cmd_run), backend="aws")
 
     s = sub.add_parser("status", help="status, Map progress and result of an execution")
     s.add_argument("execution_arn", help="ARN of the execution (printed by `cai aws run`)")
@@ -128,13 +123,6 @@ def _one_line(command: Callable[[argparse.Namespace], int]) -> Callable[[argpars
 def _common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--endpoint", help="AWS endpoint URL for every service (default AWS_ENDPOINT_URL or AWS)")
     p.add_argument("--region", help="AWS region (default AWS_REGION, AWS_DEFAULT_REGION or the profile's)")
-
-
-def _target_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--stack", help="deployed stack name (its outputs give the state machine and result location)")
-    p.add_argument("--state-machine-arn", dest="state_machine_arn",
-                   help="the state machine to start, instead of --stack")
-    _common_args(p)
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
@@ -176,89 +164,21 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_input(args: argparse.Namespace) -> dict[str, Any]:
-    from .. import storage
-    from ..config import load_config
-    from ..errors import ConfigError
-
-    raw: dict[str, Any] = {}
-    if args.config:
-        raw = storage.read_json(args.config)
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{args.config}: a run config must be a JSON object")
-    for key in ("data", "result", "model", "batch_size", "file_limit", "world_size", "allow_failures"):
-        value = getattr(args, key)
-        if value is not None:
-            raw[key] = value
-    # Validate here (same rules as the Initialize Lambda) so a typo fails before anything starts.
-    load_config(raw, result=None if ("result" in raw or "result_path" in raw) else "s3://placeholder/x")
-    options = {k: getattr(args, k) for k in ("max_concurrency", "tolerated_failure_percentage")
-               if getattr(args, k) is not None}
-    if options:
-        raw["aws"] = options
-    return raw
-
-
 def cmd_run(args: argparse.Namespace) -> int:
-    """``cai aws run``."""
-    from ..backends.aws import client as aws
-    from ..errors import ConfigError
-    from ..runners.stepfunctions import run_on_stepfunctions
-
-    if not args.config and not args.data:
-        raise ConfigError("give a run config file or --data s3://bucket/prefix")
-    run_input = _run_input(args)
-    if not args.stack and not args.state_machine_arn:
-        raise ConfigError("no state machine to run on: give --stack NAME (the stack `cai aws deploy` made) or "
-                          "--state-machine-arn ARN")
-    last = [""]
-
-    def show(st: dict[str, Any]) -> None:
-        line = aws.progress_line(st)
-        if line != last[0]:
-            print(f"  [{time.strftime('%H:%M:%S')}] {line}", flush=True)
-            last[0] = line
-
-    def started(execution: str, name: str, result: str, uploaded: int | None) -> None:
-        if uploaded is not None:
-            print(f"uploaded {uploaded} file(s) from {args.upload} to {run_input.get('data')}")
-        print(f"started execution {name}\n  {execution}\n  results: {result}")
-
-    try:
-        done = run_on_stepfunctions(run_input, state_machine_arn=args.state_machine_arn, stack=args.stack,
-                                    endpoint=args.endpoint, region=args.region, name=args.name, upload=args.upload,
-                                    poll_s=args.poll, timeout_s=args.timeout, wait=not args.no_wait, on_update=show,
-                                    on_start=started)
-    except TimeoutError as exc:  # --timeout passed: the execution goes on
-        print(f"cai: {exc}", file=sys.stderr)
-        return 1
-    if args.no_wait:
-        return 0
-    return _report(done.status, done.result_url, done.summary)
+    """``cai aws run``: ``cai run --backend aws``."""
+    return run_whole(args)
 
 
 def _report(st: dict[str, Any], result_url: str | None, summary: dict[str, Any] | None) -> int:
     if st.get("error"):
-        print(f"execution {st['status']}: {st['error']}: {_short(st.get('cause'))}", file=sys.stderr)
+        print(f"execution {st['status']}: {st['error']}: {short_cause(st.get('cause'))}", file=sys.stderr)
     if summary is not None:
-        from ..runners.pipeline import format_report
+        from ..pipeline.report import format_report
 
         print(format_report(summary))
     elif result_url:
         print(f"no summary.json under {result_url}", file=sys.stderr)
     return 0 if st["status"] == "SUCCEEDED" else 1
-
-
-def _short(cause: Any, limit: int = 2000) -> str:
-    if not isinstance(cause, str):
-        return str(cause)
-    try:
-        payload = json.loads(cause)
-        if isinstance(payload, dict) and "errorMessage" in payload:
-            return f"{payload.get('errorType')}: {payload['errorMessage']}"
-    except json.JSONDecodeError:
-        pass
-    return cause[:limit]
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -299,7 +219,8 @@ def cmd_logs(args: argparse.Namespace) -> int:
     """``cai aws logs``."""
     from ..backends.aws import client as aws
     from ..analysis.cost import cost_table
-    from ..backends.aws.logs import fetch_report_events, parse_reports
+    from ..analysis.lambda_reports import parse_reports
+    from ..backends.aws.logs import fetch_report_events
     from ..errors import ConfigError
 
     group = args.function if args.function.startswith("/") else f"/aws/lambda/{args.function}"

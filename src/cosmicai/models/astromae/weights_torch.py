@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .weights_io import NORM_KEY, InputNorm, check_state
+from ..weights_io import NORM_KEY, InputNorm, check_state
 
 
 class Normalized(nn.Module):

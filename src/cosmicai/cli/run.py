@@ -1,4 +1,5 @@
-"""``cai run`` (plan -> infer -> summarize on the local or Dask backend) and ``cai demo``."""
+"""``cai run`` (plan -> infer -> summarize on any runner of the registry: local, dask, lithops, aws, plug-ins) and
+``cai demo``."""
 
 from __future__ import annotations
 
@@ -14,10 +15,11 @@ DEMO_SEED = 2024
 def register(subparsers: Any) -> None:
     """Add ``run`` and ``demo``."""
     p = subparsers.add_parser("run", help="run inference over a dataset: plan -> infer -> summarize",
-                              description="Run a model over a dataset on this machine (local process pool) or a "
-                              "Dask cluster. CONFIG may be a native JSON/YAML run config or the original CAI "
-                              "payload (demo input.json); options override it. A rerun with the same config "
-                              "resumes: only ranks without a record run again.")
+                              description="Run a model over a dataset on this machine (local process pool), a "
+                              "Dask cluster, Lithops functions or the deployed AWS state machine (--backend). CONFIG "
+                              "may be a native JSON/YAML run config or the original CAI payload (demo input.json); "
+                              "options override it. A rerun with the same config resumes: only ranks without a "
+                              "record run again.")
     p.add_argument("config", nargs="?", help="run config file or URL (native or original CAI payload)")
     p.add_argument("--data", help="dataset URL (folder of partitions, local path or s3://)")
     p.add_argument("--result", help="result URL for plan.json, ranks/, predictions/ and the summary")
@@ -37,10 +39,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("--workers", type=int, help="local worker processes (default: the cores)")
     p.add_argument("--threads", type=int, help="compute threads per worker process, for ONNX Runtime or torch "
                                                "(default: cores // workers)")
-    p.add_argument("--backend", help="local (default), dask, or a registered backend (entry point group "
-                                      "cosmicai.backends; see docs/architecture.md)")
+    p.add_argument("--backend", help="where it runs: local (default), dask, lithops, aws, or a plug-in's "
+                                      "(entry point groups cosmicai.backends, cosmicai.runners; docs/architecture.md)")
     p.add_argument("--scheduler", help="Dask scheduler address (with --backend dask)")
-    p.add_argument("--endpoint", help="S3 endpoint URL (sets CAI_S3_ENDPOINT)")
+    p.add_argument("--endpoint", help="S3 endpoint URL (sets CAI_S3_ENDPOINT); with --backend aws, the endpoint of "
+                                       "every AWS service")
     p.add_argument("--bucket-root", dest="bucket_root",
                    help="map a CAI payload's s3://BUCKET/... onto DIR/BUCKET/... (testing without S3)")
     p.add_argument("--allow-failures", action="store_true", default=None, dest="allow_failures",
@@ -60,6 +63,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--no-prefetch", action="store_false", default=None, dest="prefetch",
                    help="fetch partitions one after another instead of overlapping fetch and compute")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    aws = p.add_argument_group("--backend aws (the deployed Step Functions state machine, docs/aws.md)")
+    add_aws_target_args(aws, endpoint=False)
+    add_aws_run_args(aws)
     p.set_defaults(func=cmd_run)
 
     d = subparsers.add_parser("demo", help="synthesise ~10,000 galaxies and run the demo model on them",
@@ -79,28 +85,63 @@ def register(subparsers: Any) -> None:
     d.set_defaults(func=cmd_demo)
 
 
-def _run_and_report(config: Any, quiet: bool) -> int:
-    from ..runners.pipeline import run
+def add_aws_target_args(p: Any, endpoint: bool = True) -> None:
+    """Where the AWS runner finds its state machine (``cai run --backend aws``, ``cai aws run|status|logs``)."""
+    p.add_argument("--stack", help="deployed stack name (its outputs give the state machine and result location)")
+    p.add_argument("--state-machine-arn", dest="state_machine_arn",
+                   help="the state machine to start, instead of --stack")
+    if endpoint:
+        p.add_argument("--endpoint", help="AWS endpoint URL for every service (default AWS_ENDPOINT_URL or AWS)")
+    p.add_argument("--region", help="AWS region (default AWS_REGION, AWS_DEFAULT_REGION or the profile's)")
+
+
+def add_aws_run_args(p: Any) -> None:
+    """How the AWS runner starts and follows one execution."""
+    p.add_argument("--max-concurrency", type=int, dest="max_concurrency",
+                   help="ranks running at once (default: the stack's Distributed Map MaxConcurrency)")
+    p.add_argument("--tolerated-failure-percentage", type=float, dest="tolerated_failure_percentage",
+                   help="override the stack's Distributed Map ToleratedFailurePercentage (0-100)")
+    p.add_argument("--name", help="execution name (default cai-<time>-<random>); also the result folder")
+    p.add_argument("--upload", metavar="DIR", help="first copy this local dataset folder to --data")
+    p.add_argument("--poll", type=float, default=5.0, help="seconds between progress polls")
+    p.add_argument("--timeout", type=float, help="stop following after this many seconds (the execution goes on)")
+    p.add_argument("--no-wait", action="store_true", dest="no_wait", help="start it and print its ARN")
+
+
+#: ``cai run`` options that are run config keys.
+CONFIG_KEYS = ("data", "result", "model", "weights", "batch_size", "file_limit", "world_size", "mode", "fast_guard",
+               "device", "workers", "threads", "backend", "scheduler", "endpoint", "allow_failures", "overwrite",
+               "break_lease", "allow_unsafe_lease", "task_timeout", "drop_nonfinite", "prefetch", "bucket_root")
+
+
+def run_and_report(runner: Any, config: Any, quiet: bool = False) -> int:
+    """Run ``config`` on ``runner`` with a progress bar and the report; exit status 1 for an incomplete run."""
     from ..pipeline.summarize import IncompleteRunError
 
     try:
-        run(config, progress=not quiet, report=True)
+        runner.run(config, progress=not quiet, report=True)
     except IncompleteRunError as exc:
         print(f"cai: error: {exc}", file=sys.stderr)
         return 1
+    finally:
+        runner.close()
     return 0
+
+
+def _run_and_report(config: Any, quiet: bool) -> int:
+    from ..runners import get_runner
+
+    return run_and_report(get_runner(config.backend), config, quiet)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     """``cai run``."""
-    from ..config import load_config
+    from ..runners.registry import entry
 
+    if args.backend and entry(args.backend).kind == "runner":
+        return run_whole(args)
     if args.endpoint:
         os.environ["CAI_S3_ENDPOINT"] = args.endpoint
-    keys = ("data", "result", "model", "weights", "batch_size", "file_limit", "world_size", "mode", "fast_guard",
-            "device",
-            "workers", "threads", "backend", "scheduler", "endpoint", "allow_failures", "overwrite", "break_lease",
-            "allow_unsafe_lease", "task_timeout", "drop_nonfinite", "prefetch", "bucket_root")
     if args.config and not args.config.lower().endswith((".json", ".yaml", ".yml")):
         from ..data.partition import convert_hint
         from ..errors import DataError
@@ -108,10 +149,90 @@ def cmd_run(args: argparse.Namespace) -> int:
         hint = convert_hint(args.config)  # data given where the run config goes: name the command that fits
         if hint:
             raise DataError(f"{hint} (a run config is a .json or .yaml file; give data with --data)")
-    config, unused = load_config(args.config, **{k: getattr(args, k) for k in keys})
+    return _run_and_report(config_from_args(args), args.quiet)
+
+
+def config_from_args(args: argparse.Namespace) -> Any:
+    """The RunConfig of ``cai run``'s arguments (the config file, then the options over it)."""
+    from ..config import load_config
+
+    config, unused = load_config(args.config, **{k: getattr(args, k) for k in CONFIG_KEYS})
     if unused:
         print(f"cai: note: {args.config}: not used by cosmicai: {', '.join(unused)}", file=sys.stderr)
-    return _run_and_report(config, args.quiet)
+    return config
+
+
+def parse_run_args(argv: list[str]) -> argparse.Namespace:
+    """``cai run ARGV`` parsed as ``cai run`` parses it (``cai cluster`` hands its RUN_ARGS over this way)."""
+    from .parser import CaiArgumentParser
+
+    parser = CaiArgumentParser(prog="cai")
+    register(parser.add_subparsers(dest="command", parser_class=CaiArgumentParser))
+    return parser.parse_args(["run", *argv])
+
+
+def run_whole(args: argparse.Namespace) -> int:
+    """``cai run --backend aws`` (and ``cai aws run``): a runner that runs whole runs in the cloud. The run config
+    (file plus options) goes as it is; the runner validates it once, before anything starts."""
+    from .. import storage
+    from ..errors import ConfigError
+    from ..pipeline.summarize import IncompleteRunError
+    from ..runners import get_runner
+    from ..runners.registry import runner_options
+
+    if not args.config and not args.data:
+        raise ConfigError("give a run config file or --data s3://bucket/prefix")
+    raw: dict[str, Any] = {}
+    if args.config:
+        raw = storage.read_json(args.config)
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{args.config}: a run config must be a JSON object")
+    for key in CONFIG_KEYS:
+        value = getattr(args, key, None)
+        if value is not None and key not in ("backend", "endpoint"):
+            raw[key] = value
+    cli = {"poll_s": args.poll, "timeout_s": args.timeout, "wait": not args.no_wait}
+    options = {k: cli[k] if k in cli else getattr(args, k, None) for k in runner_options(args.backend)
+               if not k.startswith("on_")}
+    if "stack" in options and not (options.get("stack") or options.get("state_machine_arn")):
+        raise ConfigError("no state machine to run on: give --stack NAME (the stack `cai aws deploy` made) or "
+                          "--state-machine-arn ARN")
+    runner = get_runner(args.backend, **options)
+    try:
+        runner.run(raw, progress=True, report=True)
+    except TimeoutError as exc:  # --timeout passed: the execution goes on
+        print(f"cai: {exc}", file=sys.stderr)
+        return 1
+    except IncompleteRunError as exc:
+        _execution_error(runner)
+        print(f"cai: error: {exc}", file=sys.stderr)
+        return 1
+    if args.no_wait:
+        return 0
+    return _execution_error(runner)
+
+
+def _execution_error(runner: Any) -> int:
+    """Print how the runner's last execution ended when it did not succeed; its exit status."""
+    last = getattr(runner, "last", None)
+    status = getattr(last, "status", None) or {}
+    if status.get("error"):
+        print(f"execution {status['status']}: {status['error']}: {short_cause(status.get('cause'))}", file=sys.stderr)
+    return 0 if status.get("status", "SUCCEEDED") == "SUCCEEDED" else 1
+
+
+def short_cause(cause: Any, limit: int = 2000) -> str:
+    import json
+
+    if not isinstance(cause, str):
+        return str(cause)
+    try:
+        payload = json.loads(cause)
+        if isinstance(payload, dict) and "errorMessage" in payload:
+            return f"{payload.get('errorType')}: {payload['errorMessage']}"
+    except json.JSONDecodeError:
+        pass
+    return cause[:limit]
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -131,7 +252,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if manifest is not None and manifest.description == desc:
         print(f"cai demo: reusing {manifest.total_rows} galaxies in {data_url}", file=sys.stderr)
     else:
-        from ..data.convert import Chunk
+        from ..data.sources import Chunk
         from ..data.split import write_dataset
         from ..data.synth import iter_synthesize
 

@@ -1,6 +1,6 @@
 """ONNX Runtime engine: the CPU path of both inference modes, with numpy and onnxruntime alone (no torch).
 
-The package ships a weight-free *template* of AstroMAE's ONNX graphs (``models/graphs/``, built by
+The package ships a weight-free *template* of AstroMAE's ONNX graphs (``models/astromae/graphs/``, built by
 ``onnx_export.build_template``): every initializer that depends on the weights is marked external and named with
 a recipe. At load, the prepared weights (``folding.prepared_state``: numpy) are bound to it by name
 (``SessionOptions.add_external_initializers``, zero-copy): as they are, transposed, or quantised to int8
@@ -32,7 +32,8 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ModelError
+from ...errors import ModelError
+from ..modes import EngineUnavailable
 from . import folding
 
 #: Images per ``features`` call (measured fastest: 16-32 on a 2-core AVX-512 machine).
@@ -41,20 +42,11 @@ OPSET = 17
 TEMPLATE_SCHEMA = "cosmicai.onnx-template/1"
 GRAPH_NAMES = ("features-exact", "features-exact-asinh", "features-fast", "features-fast-asinh", "regress")
 #: The source files a template depends on (``code_digest``): the network, its rewrites and the exporter.
-TEMPLATE_SOURCES = ("astromae.py", "fast.py", "folding.py", "onnx_export.py", "weights_torch.py")
+TEMPLATE_SOURCES = ("network.py", "fast.py", "folding.py", "onnx_export.py", "weights_torch.py")
 
 
-class OrtUnavailable(ModelError):
+class OrtUnavailable(EngineUnavailable):
     """onnxruntime cannot run the graphs here (the weights are fine: another engine may run them)."""
-
-
-def available() -> bool:
-    """Whether onnxruntime can be imported (all the engine needs at run time)."""
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def graph_name(part: str, image_asinh: bool) -> str:
@@ -74,7 +66,7 @@ def code_digest() -> str:
 
 def template_dir() -> str:
     """Folder of the shipped template."""
-    return str(resources.files("cosmicai.models").joinpath("graphs"))
+    return str(resources.files("cosmicai.models.astromae").joinpath("graphs"))
 
 
 class Template:
@@ -207,7 +199,7 @@ def runner_for_weights(raw: dict[str, np.ndarray], norm: Any, mode: str, threads
                        source: str = "weights") -> OrtRunner:
     """An :class:`OrtRunner` for AstroMAE weights ``raw`` (its state dict as numpy arrays, the names of our
     safetensors files) and input normalisation ``norm`` (a ``weights_io.InputNorm``)."""
-    from .weights_io import check_state
+    from ..weights_io import check_state
 
     template = shipped_template()
     check_state(template.state_shapes, raw, source)

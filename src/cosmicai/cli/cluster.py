@@ -1,7 +1,7 @@
 """``cai cluster slurm|pbs``: start Dask workers as batch jobs (dask-jobqueue) and run the pipeline on them.
 
-Everything after ``--`` is handed to ``cai run`` (a config file and/or run options); the run uses the Dask
-backend connected to the jobs' scheduler, which lives in this process for the length of the run.
+Everything after ``--`` is read as ``cai run`` reads it (a config file and/or run options); the run goes to the
+``dask`` runner connected to the jobs' scheduler, which lives in this process for the length of the run.
 """
 
 from __future__ import annotations
@@ -109,19 +109,27 @@ def run_args_for(run_args: Sequence[str], scheduler: str, threads: int, gpus: in
 
 
 def run_on_cluster(cluster: Any, run_args: Sequence[str], threads: int, gpus: int = 0, pin_gpus: int = 0) -> int:
-    """Run ``cai run RUN_ARGS`` with the Dask backend on ``cluster``; returns its exit code.
+    """Run ``RUN_ARGS`` (as ``cai run`` reads them) on the ``dask`` runner connected to ``cluster``; returns the
+    exit status (1 for an incomplete run).
 
     ``pin_gpus`` > 1: each job runs that many worker processes, and each is pinned to its own GPU.
     """
     from distributed import Client
 
     from ..backends.dask import WorkerSetup
-    from ..cli import main
+    from ..runners import get_runner
+    from .run import config_from_args, parse_run_args, run_and_report
 
+    args = parse_run_args(run_args_for(run_args, cluster.scheduler_address, threads, gpus)[1:])
+    if args.endpoint:
+        import os
+
+        os.environ["CAI_S3_ENDPOINT"] = args.endpoint
+    config = config_from_args(args)
     with Client(cluster) as client:
         if pin_gpus > 1:  # registered on the scheduler: applies to workers that join later too
             client.register_plugin(WorkerSetup(threads, pin_gpus))
-        return main(run_args_for(run_args, cluster.scheduler_address, threads, gpus))
+        return run_and_report(get_runner("dask"), config, args.quiet)
 
 
 def cmd_cluster(args: argparse.Namespace) -> int:

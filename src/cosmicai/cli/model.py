@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..models.modes import ENGINES, MODES
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``cai model import-cai | train-demo | info``."""
@@ -30,9 +32,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     info.add_argument("--weights", default=None,
                       help="weights URL (safetensors); default: the model's own (the demo weights for "
                            "astromae-demo)")
-    info.add_argument("--mode", default="exact", choices=("exact", "fast"),
+    info.add_argument("--mode", default="exact", choices=MODES,
                       help="exact (default, fp32) or fast (the ViT blocks in int8)")
-    info.add_argument("--engine", default=None, choices=("auto", "torch", "onnxruntime"),
+    info.add_argument("--engine", default=None, choices=ENGINES,
                       help="default: $CAI_ENGINE or auto (ONNX Runtime for AstroMAE on CPU)")
     info.set_defaults(func=_info)
     parser.set_defaults(func=lambda args: (parser.print_help(), 2)[1])
@@ -40,7 +42,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _import_cai(args: argparse.Namespace) -> int:
     from .. import storage
-    from ..models.convert import import_checkpoint
+    from ..models.astromae.checkpoint import import_checkpoint
 
     blob, report = import_checkpoint(storage.read_bytes(args.checkpoint), args.checkpoint)
     storage.write_bytes(args.out, blob)
@@ -59,7 +61,7 @@ def _train_demo(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from ..models.astromae import flops_per_image
+    from ..models.astromae.network import flops_per_image
     from ..models.registry import load_model
 
     pred = load_model(args.name, weights=args.weights, mode=args.mode, engine=args.engine)

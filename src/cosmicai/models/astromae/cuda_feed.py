@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import ModelError
+from ...errors import ModelError
 
 #: Conservative device bytes per row of one forward pass (activations, staging, cuDNN workspace, allocator
 #: slack): the largest live activations of AstroMAE are ~0.3 MB per row in fp32 (the 32-channel 32x32 maps of

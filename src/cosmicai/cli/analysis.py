@@ -6,8 +6,8 @@ import argparse
 import os
 from typing import Any
 
-from ..backends.aws.limits import FREE_EPHEMERAL_MB, MAX_MEMORY_MB
 from ..errors import ConfigError
+from ..lambda_limits import FREE_EPHEMERAL_MB, MAX_MEMORY_MB
 
 
 def _csv_list(text: str) -> list[str]:
@@ -178,7 +178,7 @@ def cmd_cost(args: argparse.Namespace) -> int:
     from .. import sizes, storage
     from ..analysis import cost
     from ..data.formats import NATIVE_SAMPLE_BYTES
-    from ..results import COMBINED_NAME
+    from ..results import RunFolder
 
     memory = _memory_mb(args.memory)
     prices = _prices(args)
@@ -188,8 +188,8 @@ def cmd_cost(args: argparse.Namespace) -> int:
         if args.data_size or args.partition_size:
             raise ConfigError("give either a run/log SOURCE or the what-if options (--data-size ...), not both")
         src = args.source
-        if not src.endswith(".json") and storage.exists(storage.join(src, COMBINED_NAME)):
-            src = storage.join(src, COMBINED_NAME)
+        if not src.endswith(".json") and storage.exists(RunFolder(src).combined):
+            src = RunFolder(src).combined
         if src.endswith(".json"):
             records = storage.read_json(src)
             if not isinstance(records, list):

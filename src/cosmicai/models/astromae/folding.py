@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
-    from .weights_io import InputNorm
+    from ..weights_io import InputNorm
 
 #: BatchNorm2d's default eps (AstroMAE's Inception blocks use it).
 BN_EPS = 1e-5

@@ -32,7 +32,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result.summary, indent=1))
     else:
-        from ..runners.pipeline import format_report
+        from ..pipeline.report import format_report
 
         print(format_report(result.summary))
     return 0 if result.complete else 1

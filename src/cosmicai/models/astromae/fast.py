@@ -26,10 +26,10 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ..errors import ModelError
+from ...errors import ModelError
 from . import folding
-from .engines import compile_requested, requested_engine, resolve_engine
-from .astromae import AstroMAE, ConvBlock
+from ..modes import resolve_engine
+from .network import AstroMAE, ConvBlock
 
 
 
@@ -98,32 +98,30 @@ def _set_fused(model: nn.Module, fused: bool) -> None:
 
 
 def choose_engine(model: nn.Module, device: torch.device, engine: str | None = None, compile: bool = False) -> str:
-    """The engine that will run ``model``: ``engine`` (default ``$CAI_ENGINE`` or ``auto``) resolved."""
+    """The engine that would run ``model`` (an AstroMAE module has both; anything else runs on torch):
+    ``engine`` (default ``$CAI_ENGINE`` or ``auto``) resolved."""
     return resolve_engine(engine, device.type, isinstance(getattr(model, "net", None), AstroMAE), compile,
                           type(getattr(model, "net", model)).__name__)
 
 
-def prepare(model: nn.Module, mode: str, device: torch.device, compile: bool | None = None,
-            engine: str | None = None, threads: int = 1) -> tuple[str, Callable]:
-    """``(engine, runner)`` for ``mode`` on ``device``, from a prepared copy of ``model``.
+def prepare(model: nn.Module, mode: str, device: torch.device, compile: bool = False, engine: str = "torch",
+            threads: int = 1) -> Callable:
+    """The runner of ``mode`` on ``device`` for ``engine`` (already chosen: ``torch`` or ``onnxruntime``), from a
+    prepared copy of ``model``.
 
     The torch runner maps tensors ``(images, magnitudes) -> redshift``; the ONNX Runtime runner maps float32
-    numpy arrays and runs on ``threads`` streams."""
-    compile = compile_requested(compile)
-    requested = requested_engine(engine)
-    chosen = choose_engine(model, device, requested, compile)
-    if chosen == "onnxruntime":
-        from .ort_engine import runner_for_weights
+    numpy arrays and runs on ``threads`` streams. ONNX Runtime failing to take the model raises
+    :class:`OrtUnavailable` (the caller may fall back to torch); weights wrong on every engine, ModelError."""
+    if engine == "onnxruntime":
+        from .ort_engine import OrtUnavailable, runner_for_weights
 
         try:
             raw = {k: v.detach().cpu().numpy() for k, v in model.net.state_dict().items()}
-            return chosen, runner_for_weights(raw, model.norm, mode, threads)
+            return runner_for_weights(raw, model.norm, mode, threads)
+        except ModelError:
+            raise
         except Exception as exc:
-            if requested != "auto":
-                raise ModelError(f"engine 'onnxruntime' failed: {exc}") from exc
-            warnings.warn(f"ONNX Runtime engine unavailable ({exc}); running on torch instead", RuntimeWarning,
-                          stacklevel=2)
-            chosen = "torch"
+            raise OrtUnavailable(f"engine 'onnxruntime' failed: {exc}") from exc
     model = copy.deepcopy(model).eval().to(device)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -137,11 +135,11 @@ def prepare(model: nn.Module, mode: str, device: torch.device, compile: bool | N
         # mode "reduce-overhead". The predictor feeds it through cuda_feed.DeviceFeed.
         from .cuda_feed import cuda_runner
 
-        return chosen, cuda_runner(model, mode, compile=bool(compile))
+        return cuda_runner(model, mode, compile=bool(compile))
     if mode == "exact":
-        return chosen, torch.compile(model) if compile else model
+        return torch.compile(model) if compile else model
     model = quantize_linear(model, INT8_PREFIXES)
-    return chosen, torch.compile(model) if compile else model
+    return torch.compile(model) if compile else model
 
 
 #: Sub-modules (of AstroMAE) whose Linear layers ``fast`` runs in int8 on CPU.

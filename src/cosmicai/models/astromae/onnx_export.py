@@ -10,7 +10,7 @@ exporter as two graphs:
   (int8 weights, activations quantised per call); the convolutions stay fp32.
 * ``regress``: features + magnitudes -> redshift (the magnitude MLP and fusion layers: 30 MB of fp32 weights).
 
-``build_template`` turns them into the *template* the package ships (``models/graphs/``): the same graphs with
+``build_template`` turns them into the *template* the package ships (``models/astromae/graphs/``): the same graphs with
 every weight-derived initializer stripped (marked external) and a recipe naming the prepared tensor it comes
 from (as is, transposed, or its int8 quantisation). ``ort_engine`` binds any AstroMAE weights to it at load,
 with numpy alone, so no process that predicts needs torch. ``build_template`` checks, on weights other than
@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import ModelError
+from ...errors import ModelError
 from . import folding
 from .ort_engine import (GRAPH_NAMES, OPSET, TEMPLATE_SCHEMA, Template, code_digest, external_value,
                          graph_name)
@@ -205,8 +205,8 @@ def build_graphs(module: nn.Module, mode: str, num_heads: int) -> tuple[bytes, b
 def _random_model(seed: int, image_asinh: bool):
     """A Normalized AstroMAE whose every tensor (BatchNorm statistics and the input normalisation included) is
     random and distinct, so that each initializer of its export is traced to exactly one prepared tensor."""
-    from .astromae import build_astromae
-    from .weights_io import InputNorm
+    from .network import build_astromae
+    from ..weights_io import InputNorm
     from .weights_torch import Normalized
 
     gen = torch.Generator().manual_seed(seed)
@@ -315,7 +315,7 @@ def build_template(folder: str, seed: int = 1) -> dict[str, Any]:
     import onnx
     import onnxruntime
 
-    from .astromae import build_astromae, count_params
+    from .network import build_astromae, count_params
 
     net = build_astromae()
     manifest: dict[str, Any] = {

@@ -1,5 +1,6 @@
-"""Readers for every supported source format, streamed as row chunks; :func:`cosmicai.data.split.convert`
-writes any of them as a native dataset (split.py imports this module, never the reverse).
+"""Sources: readers for every format ``cai data convert``/``split`` accept, streamed as row chunks;
+:func:`cosmicai.data.split.split` writes any of them as a native dataset (split.py imports this module, never the
+reverse).
 
 A source is a file or a folder (local path or ``s3://``):
 
@@ -36,14 +37,15 @@ import numpy as np
 
 from .. import storage
 from ..errors import DataError
-from .formats import BANDS, MANIFEST_NAME, PARTITION_SUFFIX, Partition, read_manifest
-from .partition import FITS_SUFFIXES, HDF5_SUFFIXES, check_listed_name
+from .formats import BANDS, MANIFEST_NAME, Partition, read_manifest
+from .partition import (FITS_SUFFIXES, HDF5_SUFFIXES, PARTITION_SUFFIXES, check_listed_name, partition_format,
+                        read_partition)
 
 #: Rows read at a time from HDF5/FITS/npz/npy sources.
 CHUNK_ROWS = 4096
 #: Partition files fetched ahead while earlier ones are re-partitioned.
 PREFETCH = 8
-SUPPORTED_SUFFIXES = (PARTITION_SUFFIX, ".pt", ".npz") + HDF5_SUFFIXES + FITS_SUFFIXES
+SUPPORTED_SUFFIXES = PARTITION_SUFFIXES + (".npz",) + HDF5_SUFFIXES + FITS_SUFFIXES
 NPY_KEYS = ("images", "magnitudes", "redshift", "object_id")
 
 
@@ -325,18 +327,14 @@ def _iter_fits(url: str, chunk_rows: int) -> Iterator[Chunk]:
         yield from _sliced(url, n, fetch, chunk_rows)
 
 
-def _iter_partition_file(url: str) -> Iterator[Chunk]:
-    from .partition import read_partition
-
+def _iter_partition_file(url: str, _chunk_rows: int = CHUNK_ROWS) -> Iterator[Chunk]:
     part = read_partition(url, allow_nonfinite=True)
-    yield Chunk(url, 0, part, has_ids=not url.endswith(".pt"))
+    yield Chunk(url, 0, part, has_ids=partition_format(url).object_ids)
 
 
 def _prefetched_partitions(urls: list[str], depth: int = PREFETCH) -> Iterator[Chunk]:
     """Partition files in order, up to ``depth`` fetched and decoded ahead by threads (hides S3 latency)."""
     from concurrent.futures import ThreadPoolExecutor
-
-    from .partition import read_partition
 
     with ThreadPoolExecutor(min(depth, len(urls))) as pool:
         pending = [pool.submit(read_partition, u, True) for u in urls[:depth]]
@@ -345,12 +343,12 @@ def _prefetched_partitions(urls: list[str], depth: int = PREFETCH) -> Iterator[C
             pending[i] = None  # type: ignore[call-overload]
             if i + depth < len(urls):
                 pending.append(pool.submit(read_partition, urls[i + depth], True))
-            yield Chunk(url, 0, part, has_ids=not url.endswith(".pt"))
+            yield Chunk(url, 0, part, has_ids=partition_format(url).object_ids)
 
 
 FILE_READERS: dict[str, Callable[[str, int], Iterator[Chunk]]] = {
     **{s: _iter_fits for s in FITS_SUFFIXES}, **{s: _iter_hdf5 for s in HDF5_SUFFIXES}, ".npz": _iter_npz,
-    PARTITION_SUFFIX: lambda url, _n: _iter_partition_file(url), ".pt": lambda url, _n: _iter_partition_file(url),
+    **{s: _iter_partition_file for s in PARTITION_SUFFIXES},
 }
 
 
@@ -368,7 +366,7 @@ class Source:
         if self.kind == "npy-folder":
             yield from _iter_npy_dir(self.url, chunk_rows)
             return
-        partition_files = all(_suffix_of(u) in (PARTITION_SUFFIX, ".pt") for u in self.files)
+        partition_files = all(_suffix_of(u) in PARTITION_SUFFIXES for u in self.files)
         if partition_files and len(self.files) > 1:
             yield from _prefetched_partitions(self.files)
             return
