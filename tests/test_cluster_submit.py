@@ -144,7 +144,7 @@ def test_hung_sbatch_is_stopped_after_submit_timeout(tmp_path):
 
 
 def test_submit_timeout_is_checked():
-    from cosmicai.backends.jobqueue import JobSpec
+    from cosmicai.runners.batch_jobs import JobSpec
     from cosmicai.errors import ConfigError
 
     with pytest.raises(ConfigError, match="submit_timeout must be seconds"):

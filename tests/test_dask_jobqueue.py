@@ -8,7 +8,7 @@ import pytest
 
 from cosmicai import cli
 from cosmicai.backends.dask import pick_gpu, worker_index
-from cosmicai.backends.jobqueue import JobSpec, job_script, spec_from_mapping
+from cosmicai.runners.batch_jobs import JobSpec, job_script, spec_from_mapping
 from cosmicai.cli.cluster import run_args_for
 from cosmicai.errors import ConfigError
 

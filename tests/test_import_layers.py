@@ -52,7 +52,12 @@ def _import_graph() -> dict[str, dict[str, str]]:
     for mod, (path, is_pkg) in modules.items():
         package = mod if is_pkg else mod.rpartition(".")[0]
         edges: dict[str, str] = {}
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        tree = ast.parse(path.read_text(), str(path))
+        groups = {id(n.value) for n in ast.walk(tree) if isinstance(n, ast.Assign)
+                  and any(isinstance(t, ast.Name) and t.id.endswith("GROUP") for t in n.targets)}
+        for node in ast.walk(tree):
+            if id(node) in groups:  # an entry-point group's name, not a module to import
+                continue
             targets: list[str | None] = []
             if isinstance(node, ast.Import):
                 targets = [known(a.name) for a in node.names if a.name.split(".")[0] == "cosmicai"]
@@ -81,11 +86,11 @@ DYNAMIC_TARGET = re.compile(r"^(cosmicai(?:\.\w+)+)(?::(\w+))?$")
 
 def _dynamic_targets(node: ast.AST, modules: dict[str, tuple[Path, bool]]) -> list[str]:
     """Modules a dynamic import may load: ``"cosmicai.x.y"`` / ``"cosmicai.x.y:attr"`` string constants naming a
-    module (a package only with ``:attr``: entry-point group names are not imports), and every module under the
-    package of an f-string that starts ``"cosmicai.<package>."``."""
+    module or package (entry-point group names, assigned to ``*GROUP``, are skipped by the caller), and every
+    module under the package of an f-string that starts ``"cosmicai.<package>."``."""
     if isinstance(node, ast.Constant) and isinstance(node.value, str):
         m = DYNAMIC_TARGET.match(node.value)
-        if m and m.group(1) in modules and (m.group(2) or not modules[m.group(1)][1]):
+        if m and m.group(1) in modules:
             return [m.group(1)]
     if isinstance(node, ast.JoinedStr) and node.values and isinstance(node.values[0], ast.Constant):
         head = str(node.values[0].value)
@@ -167,6 +172,8 @@ def test_graph_resolves_dynamic_imports():
     assert {"cosmicai.backends.local", "cosmicai.backends.dask", "cosmicai.backends.lithops",
             "cosmicai.runners.stepfunctions"} <= set(graph["cosmicai.runners.registry"])
     assert {"cosmicai.cli.run", "cosmicai.cli.aws", "cosmicai.cli.cluster"} <= set(graph["cosmicai.cli"])
+    assert "cosmicai.models.astromae" in graph["cosmicai.models"]  # the shipped models register on import
+    assert "cosmicai.models.astromae.load" in graph["cosmicai.models.astromae"]  # their factories
 
 
 def test_dynamic_import_targets_exist():

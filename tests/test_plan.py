@@ -156,7 +156,8 @@ def test_a_file_added_before_the_planned_ones_is_named_as_added(tiny_dataset, tm
 
 
 def test_task_digests_hold_one_line_per_rank(tiny_dataset, tmp_path):
-    from cosmicai.pipeline.plan import TASK_DIGESTS_NAME, stored_task_digest, task_digest, verify_task_item
+    from cosmicai.pipeline.plan import stored_task_digest, task_digest, verify_task_item
+    from cosmicai.results import TASK_DIGESTS_NAME
 
     result = str(tmp_path / "res")
     plan = make_plan(_cfg(tiny_dataset, result, world_size=3))

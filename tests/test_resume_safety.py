@@ -175,7 +175,7 @@ def test_files_without_a_plan_are_not_called_another_run(tiny_dataset, tmp_path)
     result = tmp_path / "res"
     (result / "errors").mkdir(parents=True)
     (result / "errors" / "todo.txt").write_text("x")
-    with pytest.raises(ConfigError, match=r"already holds files in ranks/predictions/errors but no plan.json, so "
+    with pytest.raises(ConfigError, match=r"already holds files in ranks/predictions/errors/fast_check but no plan.json, so "
                                           r"they are not a cosmicai run's outputs \(.*todo.txt\)"):
         run(_cfg(tiny_dataset, result), progress=False)
 

@@ -10,6 +10,7 @@ reproduced here as the reference the streamed output must equal.
 from __future__ import annotations
 
 import glob
+import json
 import math
 import os
 import warnings
@@ -140,11 +141,15 @@ def test_streamed_output_equals_the_whole_table(tmp_path, monkeypatch, small_gro
     assert summary["nonfinite_predictions"] == {"rows": 0, "from_finite_inputs": 0, "n_partitions": 0,
                                                 "partitions": [], "by_partition": {}}
 
-    # Idempotent: a second pass writes byte-identical files, and no temporary file is left behind.
-    names = ("combined_data.json", "predictions.parquet", "summary.json")
+    # Idempotent: a second pass writes byte-identical files (summary.json: but for that pass's own duration), and
+    # no temporary file is left behind.
+    names = ("combined_data.json", "predictions.parquet")
     before = {n: open(os.path.join(result, n), "rb").read() for n in names}
+    first = json.loads(open(os.path.join(result, "summary.json")).read())
     summarize(result)
     assert {n: open(os.path.join(result, n), "rb").read() for n in names} == before
+    again = json.loads(open(os.path.join(result, "summary.json")).read())
+    assert again["stages"].pop("summarize_s") > 0 and first["stages"].pop("summarize_s") > 0 and again == first
     assert not glob.glob(os.path.join(result, ".tmp-*"))
 
 

@@ -12,6 +12,7 @@ A run's result folder::
                                             ``outside_training_range``: z_pred outside the redshift range the
                                             weights were trained on), then the dataset's catalogue columns
     errors/<rank>.json                      why a rank failed (ErrorReport)
+    fast_check/<key>.json                   the fast-mode check, measured once per weights, engine and CPU
     run.json                                the driver's stage timings
     combined_data.json                      every RankRecord, the original CAI's keys first
     predictions.parquet                     every prediction, in rank order
@@ -139,6 +140,8 @@ class ErrorReport(TypedDict, total=False):
     pid: int
     started_at: str
     failed_at: str
+    remedy: str  # "restore": a changed or damaged partition (a rerun alone fails the same way)
+    damaged_partition: str
 
 
 class Completeness(TypedDict):
@@ -235,19 +238,6 @@ class RunFolder:
         return [self._file(name) for name in RESULT_DIRS]
 
 
-# Until every caller uses RunFolder.
-def record_url(result_url: str, rank: int) -> str:
-    return RunFolder(result_url).record(rank)
-
-
-def predictions_url(result_url: str, rank: int) -> str:
-    return RunFolder(result_url).prediction(rank)
-
-
-def error_url(result_url: str, rank: int) -> str:
-    return RunFolder(result_url).error(rank)
-
-
 def rank_of(url: str) -> int | None:
     """The rank number in ``.../<rank>.json`` or ``.../<rank>.parquet``, or None for other names."""
     stem = storage.basename(url).split(".", 1)[0]
@@ -259,7 +249,7 @@ class RunResult:
     """A finished run: ``summary`` (summary.json), ``metrics``, ``failures``, and the predictions on demand."""
 
     result_url: str
-    summary: dict[str, Any]
+    summary: Summary
     execution_arn: str | None = None
 
     @property

@@ -67,7 +67,7 @@ def register(subparsers: Any) -> None:
 
 def build_spec(args: argparse.Namespace) -> tuple[Any, list[str]]:
     """The JobSpec and run arguments from the command line and the optional config file."""
-    from ..backends.jobqueue import load_cluster_file, spec_from_mapping
+    from ..runners.batch_jobs import load_cluster_file, spec_from_mapping
     from ..errors import ConfigError
 
     data: dict[str, Any] = {}
@@ -134,7 +134,7 @@ def run_on_cluster(cluster: Any, run_args: Sequence[str], threads: int, gpus: in
 
 def cmd_cluster(args: argparse.Namespace) -> int:
     """``cai cluster slurm|pbs``: print the job script (--dry-run) or submit the jobs and run."""
-    from ..backends.jobqueue import check_submit_command, job_script, make_cluster
+    from ..runners.batch_jobs import check_submit_command, job_script, make_cluster
     from ..errors import ConfigError
 
     spec, run_args = build_spec(args)

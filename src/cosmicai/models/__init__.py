@@ -8,6 +8,7 @@ from typing import Any
 
 from .catalog import available_models, check_model_name, register_model
 from .modes import ENGINES, MODES
+from . import astromae  # noqa: E402,F401 - registers the shipped models, through register_model like a plug-in
 
 __all__ = ["ENGINES", "MODES", "available_models", "check_model_name", "load_model", "register_model"]
 

@@ -1,8 +1,8 @@
 """The one door for models: a name -> :class:`ModelSpec` table, filled by :func:`register_model` (as timm's
 ``register_model``) and by the ``cosmicai.models`` entry-point group, resolved through the same table.
 
-The shipped models register themselves exactly as a plug-in does (``cosmicai/models/astromae/__init__.py``); a
-third-party package either calls :func:`register_model` or names its factory in its ``pyproject.toml``::
+The shipped models register themselves exactly as a plug-in does (``cosmicai/models/astromae/__init__.py``,
+imported by ``cosmicai/models/__init__.py``, so any import of the model layer has them); a third-party package either calls :func:`register_model` or names its factory in its ``pyproject.toml``::
 
     [project.entry-points."cosmicai.models"]
     my-model = "my_package.model:factory"
@@ -24,8 +24,6 @@ from ..errors import ModelError
 
 #: Entry-point group of plug-in models.
 ENTRY_POINT_GROUP = "cosmicai.models"
-#: Packages whose import registers the models shipped with cosmicai (like any plug-in's module would).
-SHIPPED = ("cosmicai.models.astromae",)
 
 
 @dataclass(frozen=True)
@@ -57,7 +55,6 @@ class ModelSpec:
 
 
 _TABLE: dict[str, ModelSpec] = {}
-_shipped_loaded = False
 
 
 def register_model(name: str | Callable[..., Any], factory: Callable[..., Any] | str | None = None,
@@ -85,14 +82,6 @@ def register_model(name: str | Callable[..., Any], factory: Callable[..., Any] |
     return entry
 
 
-def _load_shipped() -> None:
-    global _shipped_loaded
-    if not _shipped_loaded:
-        _shipped_loaded = True
-        for module in SHIPPED:
-            importlib.import_module(module)
-
-
 def _entry_points() -> dict[str, Any]:
     from importlib.metadata import entry_points
 
@@ -102,7 +91,6 @@ def _entry_points() -> dict[str, Any]:
 def available_models(entry_points: bool = True) -> list[str]:
     """Every registered name (in registration order), then the entry-point names not registered in code (sorted);
     ``entry_points=False``: only the names registered in code."""
-    _load_shipped()
     names = list(_TABLE)
     if entry_points:
         names += sorted(set(_entry_points()) - set(_TABLE))
@@ -112,7 +100,6 @@ def available_models(entry_points: bool = True) -> list[str]:
 def get_spec(name: str) -> ModelSpec:
     """The registration of ``name``: registered in code, an entry point (registered now), or
     ``package.module:factory``; anything else is one ModelError listing the names."""
-    _load_shipped()
     if name in _TABLE:
         return _TABLE[name]
     if ":" in name:
@@ -131,7 +118,6 @@ def find_spec(name: str) -> ModelSpec | None:
 
 def registered_specs() -> list[ModelSpec]:
     """Every registration made so far (the shipped ones included)."""
-    _load_shipped()
     return list(_TABLE.values())
 
 

@@ -33,7 +33,8 @@ from ..data.formats import INPUT_BITS_PER_SAMPLE, Partition, sha256_hex
 from ..errors import CaiError, ConfigError, DataError, OutOfMemoryError
 from .plan import Plan, check_task_digest, current_plan_hash, load_plan
 from ..models.worker import worker_models
-from ..results import MAGNITUDE_RANGE, ORIGINAL_KEYS, PHASES, PIXEL_LIMIT, PREDICTION_COLUMNS, RunFolder
+from ..results import (MAGNITUDE_RANGE, ORIGINAL_KEYS, PHASES, PIXEL_LIMIT, PREDICTION_COLUMNS, ErrorReport, RankRecord,
+                       RunFolder)
 
 
 def out_of_range_rows(data: Partition) -> tuple[np.ndarray, np.ndarray]:
@@ -265,7 +266,7 @@ def done_ranks(plan: Plan) -> set[int]:
 
 
 def run_task(result_url: str, rank: int, plan_hash: str | None = None, task: dict[str, Any] | None = None
-             ) -> dict[str, Any]:
+             ) -> RankRecord:
     """Run one rank of the plan under ``result_url`` and return its record (the stored one if already done).
 
     ``plan_hash`` and ``task`` come with the task items (:meth:`Plan.task_list`): ``task`` carries the rank's own
@@ -308,7 +309,7 @@ def _write_error(plan: Plan, rank: int, parts: list[dict], exc: BaseException, s
     tail = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))[-4000:]
     # A damaged partition is reported as the DataError it is; ``remedy`` tells summarize to say "restore".
     error_type = "DataError" if isinstance(exc, DamagedPartitionError) else type(exc).__name__
-    info = {"rank": rank, "partitions": [p["name"] for p in parts], "error_type": error_type,
+    info: ErrorReport = {"rank": rank, "partitions": [p["name"] for p in parts], "error_type": error_type,
             "message": str(exc) or repr(exc), "traceback": tail, "plan_hash": plan.plan_hash,
             "host": socket.gethostname(),
             "pid": os.getpid(), "started_at": started, "failed_at": _now()}
@@ -334,9 +335,10 @@ def record_failure(plan: Plan, rank: int, error_type: str, message: str, recorde
     if _stored_record(plan, rank) is not None:
         return {"rank": rank, "status": "ok", "note": f"record exists despite {error_type}"}
     parts = [p["name"] for p in plan.tasks.get(rank, [])]
-    storage.write_json(url, {"rank": rank, "partitions": parts, "error_type": error_type, "message": message,
-                             "traceback": None, "plan_hash": plan.plan_hash, "recorded_by": recorded_by,
-                             "failed_at": _now()})
+    report: ErrorReport = {"rank": rank, "partitions": parts, "error_type": error_type, "message": message,
+                           "traceback": None, "plan_hash": plan.plan_hash, "recorded_by": recorded_by,
+                           "failed_at": _now()}
+    storage.write_json(url, report)
     return {"rank": rank, "status": "failed", "error_type": error_type, "message": message,
             "recorded_by": recorded_by}
 
@@ -504,7 +506,7 @@ def _predict_partitions(cfg: dict[str, Any], prefetch: bool, parts: list[dict[st
     return out, predictor, cold, fast_check
 
 
-def _run(plan: Plan, rank: int, parts: list[dict[str, Any]], started: str) -> dict[str, Any]:
+def _run(plan: Plan, rank: int, parts: list[dict[str, Any]], started: str) -> RankRecord:
     """Predict the rank's partitions, write its predictions, then its record (last: it marks the rank done)."""
     cfg = plan.config
     wall0 = time.perf_counter()
@@ -525,13 +527,13 @@ def _run(plan: Plan, rank: int, parts: list[dict[str, Any]], started: str) -> di
 
 def _rank_record(plan: Plan, rank: int, parts: list[dict[str, Any]], out: _RankOutput, phases: dict[str, float],
                  wall: float, predictor: Any, cold: bool, fast_check: dict[str, Any] | None, pred_bytes: int,
-                 started: str) -> dict[str, Any]:
-    """The rank record: the original's keys first (``records.ORIGINAL_KEYS``), then ours."""
+                 started: str) -> RankRecord:
+    """The rank record: the original's keys first (``results.ORIGINAL_KEYS``), then ours."""
     cfg = plan.config
     batch_size = int(cfg["batch_size"])
     rows, num_batches = out.rows, out.num_batches
     prefix = storage.basename(plan.data_url)
-    record: dict[str, Any] = {
+    record: RankRecord = {
         "total_cpu_time (seconds)": wall,
         "total_cpu_memory (MB)": _peak_rss_mb(),
         "execution_time (seconds/batch)": phases["inference"] / num_batches if num_batches else 0.0,

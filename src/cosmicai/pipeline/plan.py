@@ -138,8 +138,13 @@ def plan_contents(config: RunConfig) -> tuple[dict[str, Any], list[dict[str, Any
     """What ``config`` plans, without writing anything: (plan config, partitions, plan hash).
 
     The plan config holds the weights' sha256, so weights rewritten in place change the plan."""
+    from ..models import check_model_name
     from ..models.registry import weights_sha256
 
+    try:
+        check_model_name(config.model)  # before any partition is listed or worker started
+    except CaiError as exc:
+        raise ConfigError(f"model: {exc}") from exc
     parts = _partition_dicts(config)
     cfg = config.plan_dict()
     cfg["world_size"] = config.world_size or len(parts)
@@ -157,12 +162,6 @@ def make_plan(config: RunConfig, contents: tuple[dict[str, Any], list[dict[str, 
     different config into a result URL that already holds a run is a ConfigError unless ``config.overwrite``.
     ``contents``: :func:`plan_contents` already computed for ``config`` (saves listing the dataset twice).
     """
-    from ..models import check_model_name
-
-    try:
-        check_model_name(config.model)  # before any partition is listed or worker started
-    except CaiError as exc:
-        raise ConfigError(f"model: {exc}") from exc
     cfg, parts, digest = contents or plan_contents(config)
     world = cfg["world_size"]
     result = config.result

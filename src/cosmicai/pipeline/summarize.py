@@ -26,7 +26,7 @@ from ..errors import CaiError, DataError
 from .metrics import MetricsAccumulator, append_grown
 from .plan import Plan, load_plan
 from ..results import MAGNITUDE_RANGE, PHASES, PIXEL_LIMIT, PREDICTION_COLUMNS
-from ..results import ORIGINAL_KEYS, RunFolder, rank_of
+from ..results import ORIGINAL_KEYS, RunFolder, Summary, rank_of
 
 
 
@@ -85,7 +85,7 @@ def _clean(obj: Any) -> Any:
     return obj
 
 
-def summarize(result_url: str, allow_failures: bool = False) -> dict[str, Any]:
+def summarize(result_url: str, allow_failures: bool = False) -> Summary:
     """Check completeness against the plan, write the combined outputs and return the summary.
 
     Raises IncompleteRunError naming missing or failed ranks (and any row-count mismatch) unless

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import ConfigError
-from .registry import available_runners, entry, load_target, register_backend, register_runner
+from .registry import available_runners, entry, load_target, register_backend, register_runner, runner_options
 
 __all__ = ["available_runners", "get_runner", "register_backend", "register_runner"]
 
@@ -18,10 +18,11 @@ def get_runner(name: str, /, **options: Any) -> Any:
     spec = entry(name)
     if spec.kind == "runner":
         factory = load_target(spec)
-        unknown = sorted(set(options) - set(spec.options)) if spec.options else []
+        known = runner_options(name)
+        unknown = sorted(set(options) - set(known))
         if unknown:
-            raise ConfigError(f"backend {name!r} does not take {', '.join(unknown)}; it takes "
-                              f"{', '.join(o for o in spec.options if not o.startswith('on_'))}")
+            takes = ", ".join(o for o in known if not o.startswith("on_")) or "no options"
+            raise ConfigError(f"backend {name!r} does not take {', '.join(unknown)}; it takes {takes}")
         return factory(**{k: v for k, v in options.items() if v is not None})
     load_target(spec)  # a missing extra is named now, not at the first rank
     if options:

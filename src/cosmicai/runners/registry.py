@@ -106,7 +106,7 @@ def entry(name: str) -> RunnerEntry:
 
 def load_target(spec: RunnerEntry) -> Callable[..., Any]:
     """The entry's factory, imported now; a missing third-party module is one line with the install hint."""
-    missing = [m for m in spec.needs if importlib.util.find_spec(m) is None]
+    missing = [m for m in spec.needs if not _installed(m)]
     if missing:
         raise ConfigError(_missing(spec, missing[0]))
     if callable(spec.target):
@@ -118,6 +118,13 @@ def load_target(spec: RunnerEntry) -> Callable[..., Any]:
         if exc.name and exc.name.split(".")[0] != "cosmicai":
             raise ConfigError(_missing(spec, exc.name)) from exc
         raise
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a finder refused it, or a module left half-imported
+        return False
 
 
 def _missing(spec: RunnerEntry, module: str) -> str:
@@ -163,6 +170,9 @@ def make_backend(name: str, **options: Any) -> Any:
 
 
 def runner_options(name: str) -> tuple[str, ...]:
-    """The keyword options the runner called ``name`` takes besides the run config (empty for backends)."""
+    """The keyword options the runner called ``name`` takes besides the run config: its entry's, or for a
+    plug-in runner its class's ``options`` attribute (empty for backends)."""
     spec = entry(name)
-    return spec.options if spec.kind == "runner" else ()
+    if spec.kind != "runner":
+        return ()
+    return spec.options or tuple(getattr(load_target(spec), "options", ()))

@@ -106,7 +106,7 @@ def initialize(event: Any, context: Any = None) -> dict[str, Any]:
     (:mod:`.trust`); both are checked before anything is read, imported or written."""
     from ...config import load_config
     from ...pipeline.plan import make_plan
-    from ...results import TASKS_NAME
+    from ...results import RunFolder
 
     raw, options, execution = _run_config(event)
     concurrency, percent = _map_settings(options)
@@ -124,10 +124,10 @@ def initialize(event: Any, context: Any = None) -> dict[str, Any]:
     trust.check_model(config.model)
     config = dataclasses.replace(config, result=trust.result_url(config.result), data=trust.data_url(config.data),
                                  weights=trust.weights_url(config.weights))
-    bucket, _, key = config.result[len("s3://"):].partition("/")
+    bucket = config.result[len("s3://"):].partition("/")[0]
     plan = make_plan(config)
     return {"result_url": config.result, "plan_hash": plan.plan_hash, "tasks_bucket": bucket,
-            "tasks_key": f"{key}/{TASKS_NAME}" if key else TASKS_NAME, "num_tasks": len(plan.ranks),
+            "tasks_key": RunFolder(config.result).tasks[len(f"s3://{bucket}/"):], "num_tasks": len(plan.ranks),
             "partitions": len(plan.partitions), "world_size": plan.world_size,
             "max_concurrency": concurrency, "tolerated_failure_percentage": percent,
             "allow_failures": bool(config.allow_failures or _env_bool("CAI_ALLOW_FAILURES", False)),
@@ -250,9 +250,8 @@ def record_failure(event: Any) -> dict[str, Any]:
 
 def summarize(event: Any, context: Any = None) -> dict[str, Any]:
     """Gather the run; raises IncompleteRunError naming failed ranks unless ``allow_failures`` is true."""
-    from ...results import SUMMARY_NAME
+    from ...results import RunFolder
     from ...pipeline.summarize import summarize as summarize_run
-    from ... import storage
 
     event = trust.event_object(event, "Summarize")
     if "result_url" not in event:
@@ -261,7 +260,7 @@ def summarize(event: Any, context: Any = None) -> dict[str, Any]:
     allow = trust.bool_option(event.get("allow_failures", False), "allow_failures")
     summary = summarize_run(result_url, allow_failures=allow)
     comp = summary.get("completeness", {})
-    out = {"result_url": result_url, "summary_url": storage.join(result_url, SUMMARY_NAME),
+    out = {"result_url": result_url, "summary_url": RunFolder(result_url).summary,
            "complete": bool(comp.get("complete")), "failed_ranks": comp.get("failed_ranks", []),
            "missing_ranks": comp.get("missing_ranks", []), "rows_in": comp.get("rows_in"),
            "rows_out": comp.get("rows_out"), "samples_per_s": summary.get("samples_per_s")}

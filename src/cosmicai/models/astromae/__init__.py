@@ -14,24 +14,17 @@ Importing this package loads no torch: the factories (``load.py``) are imported 
 
 from __future__ import annotations
 
-from importlib import resources
-
 from ..catalog import register_model
 
-DEMO_FILE = "astromae-demo.safetensors"
+from .files import demo_weights_path
+
 #: AstroMAE runs on either engine (ONNX Runtime on CPU through the shipped graph template).
 ENGINES = ("torch", "onnxruntime")
 
-
-def demo_weights_path() -> str:
-    """Path of the shipped demo weights file (it may not exist in a fresh checkout)."""
-    return str(resources.files(__name__).joinpath("weights", DEMO_FILE))
-
-
-register_model("astromae-demo", f"{__name__}.load:load_demo", weights=demo_weights_path(), engines=ENGINES,
+register_model("astromae-demo", "cosmicai.models.astromae.load:load_demo", weights=demo_weights_path(), engines=ENGINES,
                weights_origin="the demo weights shipped with cosmicai")
-register_model("astromae", f"{__name__}.load:load_weights", engines=ENGINES,
+register_model("astromae", "cosmicai.models.astromae.load:load_weights", engines=ENGINES,
                needs_weights="a safetensors file (make one from the original checkpoint with `cai model import-cai`)")
-register_model("astromae-random", f"{__name__}.load:load_random", reads_weights=False, engines=ENGINES,
+register_model("astromae-random", "cosmicai.models.astromae.load:load_random", reads_weights=False, engines=ENGINES,
                card={"origin": "seeded random initialisation", "trained_on": "nothing (untrained)",
                      "caveat": "random weights for tests and benchmarks: the predictions are meaningless"})

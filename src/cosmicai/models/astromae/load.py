@@ -10,7 +10,7 @@ import numpy as np
 from ...errors import ModelError
 from ..registry import Predictor, has_torch, need_torch, parse_training_range, read_weights, weights_card
 from ..weights_io import NORM_KEY, InputNorm, file_kind, load_safetensors, refuse_kind
-from . import demo_weights_path
+from .files import demo_weights_path
 
 if TYPE_CHECKING:
     from .weights_torch import Normalized

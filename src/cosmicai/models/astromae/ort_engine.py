@@ -66,7 +66,7 @@ def code_digest() -> str:
 
 def template_dir() -> str:
     """Folder of the shipped template."""
-    return str(resources.files("cosmicai.models.astromae").joinpath("graphs"))
+    return str(resources.files(__package__).joinpath("graphs"))
 
 
 class Template:

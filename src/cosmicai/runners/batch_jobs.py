@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from ..errors import CaiError, ConfigError
-from .env import THREAD_VARS
+from ..backends.env import THREAD_VARS
 
 KINDS = ("slurm", "pbs")
 _WALLTIME = re.compile(r"^(\d+-)?\d{1,3}(:\d{2}){0,2}$")
