@@ -95,7 +95,7 @@ def _dynamic_targets(node: ast.AST, modules: dict[str, tuple[Path, bool]]) -> li
     if isinstance(node, ast.JoinedStr) and node.values and isinstance(node.values[0], ast.Constant):
         head = str(node.values[0].value)
         if head.startswith("cosmicai.") and head.endswith(".") and head[:-1] in modules:
-            return [m for m in modules if m.startswith(head)]
+            return [m for m in modules if m.startswith(head) and not m.endswith(".__main__")]  # run, never imported
     return []
 
 
