@@ -354,3 +354,24 @@ def test_the_rules_catch_a_breach(tmp_path, monkeypatch):
     assert "cosmicai.runners.stepfunctions" in graph["cosmicai.analysis._layer_probe"]
     with pytest.raises(AssertionError, match="cosmicai.analysis._layer_probe -> cosmicai.runners.stepfunctions"):
         test_layers_import_only_downwards()
+
+
+#: The names of a run's files and folders (results.py): only ``results.RunFolder`` joins them to a result URL.
+RUN_FILE_NAMES = {"PLAN_NAME", "PLAN_HASH_NAME", "TASK_DIGESTS_NAME", "TASKS_NAME", "LEASE_NAME", "RUN_NAME",
+                  "COMBINED_NAME", "PREDICTIONS_NAME", "SUMMARY_NAME", "RANKS_DIR", "PREDICTIONS_DIR", "ERRORS_DIR",
+                  "FAST_CHECK_DIR"}
+
+
+def test_run_paths_are_joined_only_by_run_folder():
+    """No `storage.join(result, SUMMARY_NAME)` outside results.py: every path of a run comes from RunFolder."""
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path == PACKAGE / "results.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) == "join":
+                names = {n.id for a in node.args for n in ast.walk(a) if isinstance(n, ast.Name)}
+                names |= {n.attr for a in node.args for n in ast.walk(a) if isinstance(n, ast.Attribute)}
+                if names & RUN_FILE_NAMES:
+                    found.append(f"{path.relative_to(SRC.parent)}:{node.lineno}: {ast.unparse(node)}")
+    assert not found, "use results.RunFolder(url).<file> instead:\n" + "\n".join(found)
