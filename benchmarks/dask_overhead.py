@@ -79,7 +79,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
 
-    from cosmicai.backends.base import get_backend
+    from cosmicai.runners.registry import make_backend as get_backend
     from cosmicai.config import load_config
     from cosmicai.pipeline.plan import make_plan
 

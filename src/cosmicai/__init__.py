@@ -1,7 +1,7 @@
 """cosmicai: Cloud-based Astronomy Inference (CAI).
 
 Run a pre-trained astronomy foundation model (first: AstroMAE redshift regression) over large galaxy
-datasets, fanned out over local processes, a Dask cluster or AWS Lambda, in three stages:
+datasets, fanned out over local processes, a Dask cluster, Lithops functions or AWS Lambda, in three stages:
 plan -> infer -> summarize (see ``cosmicai.pipeline``).
 
 The Python API (imported on first use, so ``import cosmicai`` stays light)::

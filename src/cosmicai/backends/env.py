@@ -1,7 +1,7 @@
 """What every backend sets in its worker processes: thread-pool sizes and the GPU each one uses.
 
-The local, Dask and jobqueue backends import this module; ``base.py`` (the interface and ``get_backend``, which
-imports the backends) does not, so the dependency goes one way.
+The local, Dask and Lithops backends and the Slurm/PBS job scripts (``runners/batch_jobs.py``) import this module;
+the runner registry, which imports the backends, is above them all, so the dependency goes one way.
 """
 
 from __future__ import annotations
