@@ -10,7 +10,7 @@ import tempfile
 import time
 from typing import Any, Callable
 
-from .run import short_cause, add_aws_run_args, add_aws_target_args, run_whole
+from .run import add_run_args, cmd_run as run_command, short_cause
 from ..lambda_limits import (LAMBDA_TIMEOUT_S, MAX_EPHEMERAL_MB, MAX_MEMORY_MB, MIN_EPHEMERAL_MB,
                                    MIN_MEMORY_MB)
 
@@ -74,18 +74,7 @@ def register(subparsers: Any) -> None:
                        "as input, shows live progress from the Distributed Map's item counts, then downloads "
                        "and prints summary.json. Exit 0 when the execution succeeded. The same as "
                        "`cai run --backend aws`.")
-    r.add_argument("config", nargs="?", help="run config file/URL (native or the original CAI payload)")
-    r.add_argument("--data", help="dataset URL (s3://bucket/prefix)")
-    r.add_argument("--result", help="result URL (default: the stack's result location / execution name)")
-    r.add_argument("--model", help="model name (default: the stack's)")
-    r.add_argument("--batch-size", type=int, dest="batch_size", help="images per model call (default 256)")
-    r.add_argument("--file-limit", type=int, dest="file_limit", help="use only the first N partitions")
-    r.add_argument("--world-size", type=int, dest="world_size",
-                   help="number of ranks, one Lambda each (default: one per partition)")
-    r.add_argument("--allow-failures", action="store_true", default=None, dest="allow_failures",
-                   help="succeed and summarize what finished even when ranks failed (default: the stack's)")
-    add_aws_target_args(r)
-    add_aws_run_args(r)
+    add_run_args(r)
     r.set_defaults(func=_one_line(cmd_run), backend="aws")
 
     s = sub.add_parser("status", help="status, Map progress and result of an execution")
@@ -165,8 +154,8 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    """``cai aws run``: ``cai run --backend aws``."""
-    return run_whole(args)
+    """``cai aws run``: ``cai run`` with ``--backend aws`` by default."""
+    return run_command(args)
 
 
 def _report(st: dict[str, Any], result_url: str | None, summary: dict[str, Any] | None) -> int:

@@ -20,6 +20,28 @@ def register(subparsers: Any) -> None:
                               "may be a native JSON/YAML run config or the original CAI payload (demo input.json); "
                               "options override it. A rerun with the same config resumes: only ranks without a "
                               "record run again.")
+    add_run_args(p)
+    p.set_defaults(func=cmd_run)
+
+    d = subparsers.add_parser("demo", help="synthesise ~10,000 galaxies and run the demo model on them",
+                              description="Synthesise SDSS-like galaxies, split them into native partitions "
+                              "with a manifest, run the demo model over them locally and print the report.")
+    d.add_argument("--galaxies", type=int, default=10_000, help="galaxies to synthesise (default 10,000)")
+    d.add_argument("--out", default="cai-demo", help="output folder (default ./cai-demo)")
+    d.add_argument("--partition-size", default="25MB", dest="partition_size", help="e.g. 25MB, 500KB")
+    d.add_argument("--workers", type=int, help="local worker processes (default: the cores)")
+    d.add_argument("--threads", type=int, help="compute threads per worker process (default: cores // workers)")
+    d.add_argument("--model", default="astromae-demo", help="model name (default astromae-demo)")
+    d.add_argument("--batch-size", type=int, default=256, dest="batch_size",
+                   help="images per model call (default 256)")
+    d.add_argument("--seed", type=int, default=DEMO_SEED,
+                   help=f"random seed of the synthetic galaxies (default {DEMO_SEED})")
+    d.add_argument("--quiet", action="store_true", help="no progress bar")
+    d.set_defaults(func=cmd_demo)
+
+
+def add_run_args(p: Any) -> None:
+    """``cai run``'s arguments (``cai aws run`` takes the same, with the backend ``aws``)."""
     p.add_argument("config", nargs="?", help="run config file or URL (native or original CAI payload)")
     p.add_argument("--data", help="dataset URL (folder of partitions, local path or s3://)")
     p.add_argument("--result", help="result URL for plan.json, ranks/, predictions/ and the summary")
@@ -66,23 +88,6 @@ def register(subparsers: Any) -> None:
     aws = p.add_argument_group("--backend aws (the deployed Step Functions state machine, docs/aws.md)")
     add_aws_target_args(aws, endpoint=False)
     add_aws_run_args(aws)
-    p.set_defaults(func=cmd_run)
-
-    d = subparsers.add_parser("demo", help="synthesise ~10,000 galaxies and run the demo model on them",
-                              description="Synthesise SDSS-like galaxies, split them into native partitions "
-                              "with a manifest, run the demo model over them locally and print the report.")
-    d.add_argument("--galaxies", type=int, default=10_000, help="galaxies to synthesise (default 10,000)")
-    d.add_argument("--out", default="cai-demo", help="output folder (default ./cai-demo)")
-    d.add_argument("--partition-size", default="25MB", dest="partition_size", help="e.g. 25MB, 500KB")
-    d.add_argument("--workers", type=int, help="local worker processes (default: the cores)")
-    d.add_argument("--threads", type=int, help="compute threads per worker process (default: cores // workers)")
-    d.add_argument("--model", default="astromae-demo", help="model name (default astromae-demo)")
-    d.add_argument("--batch-size", type=int, default=256, dest="batch_size",
-                   help="images per model call (default 256)")
-    d.add_argument("--seed", type=int, default=DEMO_SEED,
-                   help=f"random seed of the synthetic galaxies (default {DEMO_SEED})")
-    d.add_argument("--quiet", action="store_true", help="no progress bar")
-    d.set_defaults(func=cmd_demo)
 
 
 def add_aws_target_args(p: Any, endpoint: bool = True) -> None:
@@ -199,7 +204,7 @@ def run_whole(args: argparse.Namespace) -> int:
                           "--state-machine-arn ARN")
     runner = get_runner(args.backend, **options)
     try:
-        runner.run(raw, progress=True, report=True)
+        runner.run(raw, progress=not args.quiet, report=True)
     except TimeoutError as exc:  # --timeout passed: the execution goes on
         print(f"cai: {exc}", file=sys.stderr)
         return 1
