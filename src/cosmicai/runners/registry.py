@@ -39,6 +39,7 @@ class RunnerEntry:
     install: str = ""  #: how to get them, e.g. ``pip install 'cosmicai[full]'``
     options: tuple[str, ...] = ()  #: ``runner`` kind: the keyword options its class takes (not run config keys)
     about: str = ""
+    entry_point: Any = None  #: the ``importlib.metadata.EntryPoint`` a plug-in's entry came from
 
 
 #: The built-in entries. ``local`` needs only the worker install.
@@ -100,7 +101,7 @@ def entry(name: str) -> RunnerEntry:
     found = _entry_points().get(name)
     if found is not None:
         kind, ep = found
-        return RunnerEntry(name, ep.value, kind)
+        return RunnerEntry(name, ep.value, kind, entry_point=ep)
     raise ConfigError(f"backend {name!r} is not known; choose one of {', '.join(available_runners())}")
 
 
@@ -109,10 +110,12 @@ def load_target(spec: RunnerEntry) -> Callable[..., Any]:
     missing = [m for m in spec.needs if not _installed(m)]
     if missing:
         raise ConfigError(_missing(spec, missing[0]))
-    if callable(spec.target):
-        return spec.target
-    module, _, attr = spec.target.partition(":")
     try:
+        if spec.entry_point is not None:
+            return spec.entry_point.load()
+        if callable(spec.target):
+            return spec.target
+        module, _, attr = spec.target.partition(":")
         return getattr(importlib.import_module(module), attr)
     except ModuleNotFoundError as exc:
         if exc.name and exc.name.split(".")[0] != "cosmicai":
