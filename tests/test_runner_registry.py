@@ -95,9 +95,9 @@ def test_unknown_names_and_misplaced_options_are_one_line(tiny_dataset, tmp_path
 
 
 class _RecordingRunner:
-    """A plug-in runner of the other kind: runs whole runs itself (here, on the local backend, in-process)."""
+    """A plug-in runner of the other kind: runs whole runs itself (here, on the local backend, in-process). Its
+    own options are its constructor's parameters."""
 
-    options = ("label",)
     seen: list = []
 
     def __init__(self, label: str = "none"):

@@ -7,12 +7,13 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import ConfigError
-from .registry import available_runners, entry, load_target, register_backend, register_runner, runner_options
+from .registry import (Runner, available_runners, entry, load_target, register_backend, register_runner,
+                       runner_options)
 
 __all__ = ["available_runners", "get_runner", "register_backend", "register_runner"]
 
 
-def get_runner(name: str, /, **options: Any) -> Any:
+def get_runner(name: str, /, **options: Any) -> Runner:
     """The runner called ``name``. ``options``: a ``runner`` entry's own keyword options (``stack=``...); a
     ``backend`` entry takes none here (its options come from each run's config)."""
     spec = entry(name)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
@@ -37,39 +38,33 @@ class RunnerEntry:
     kind: str = "backend"  #: ``backend`` (mapped by the pipeline runner) or ``runner`` (runs whole runs)
     needs: tuple[str, ...] = ()  #: third-party modules it imports
     install: str = ""  #: how to get them, e.g. ``pip install 'cosmicai[full]'``
-    options: tuple[str, ...] = ()  #: ``runner`` kind: the keyword options its class takes (not run config keys)
-    about: str = ""
     entry_point: Any = None  #: the ``importlib.metadata.EntryPoint`` a plug-in's entry came from
 
 
 #: The built-in entries. ``local`` needs only the worker install.
 KNOWN: dict[str, RunnerEntry] = {e.name: e for e in (
-    RunnerEntry("local", "cosmicai.backends.local:from_options", about="processes on this machine"),
+    RunnerEntry("local", "cosmicai.backends.local:from_options"),  # processes on this machine
     RunnerEntry("dask", "cosmicai.backends.dask:DaskBackend", needs=("dask", "distributed"),
-                install="pip install 'cosmicai[full]'", about="a Dask cluster (scheduler=ADDRESS, or a local one)"),
+                install="pip install 'cosmicai[full]'"),
     RunnerEntry("lithops", "cosmicai.backends.lithops:LithopsBackend", needs=("lithops",),
-                install="pip install 'cosmicai[lithops]'",
-                about="Lithops functions (its localhost backend, or a cloud's: docs/lithops.md)"),
+                install="pip install 'cosmicai[lithops]'"),
+    # The deployed Step Functions state machine and its Lambdas (docs/aws.md).
     RunnerEntry("aws", "cosmicai.runners.stepfunctions:StepFunctionsRunner", kind="runner", needs=("boto3",),
-                install="pip install 'cosmicai[worker]'",
-                options=("stack", "state_machine_arn", "endpoint", "region", "name", "upload", "poll_s", "timeout_s",
-                         "wait", "max_concurrency", "tolerated_failure_percentage", "on_start", "on_update"),
-                about="the deployed Step Functions state machine and its Lambdas (docs/aws.md)"),
+                install="pip install 'cosmicai[worker]'"),
 )}
 _ADDED: dict[str, RunnerEntry] = {}
 
 
 def register_runner(name: str, target: str | Callable[..., Any], *, kind: str = "backend",
-                    needs: tuple[str, ...] = (), install: str = "", options: tuple[str, ...] = (),
-                    clobber: bool = False) -> None:
+                    needs: tuple[str, ...] = (), install: str = "", clobber: bool = False) -> None:
     """Make ``target`` (``"module:attr"`` or a callable) the runner called ``name``: a backend factory
     (``kind="backend"``, called with ``workers``, ``threads`` and the run's ``backend_options``) or a runner class
-    (``kind="runner"``, called with ``options``)."""
+    (``kind="runner"``, called with its own keyword options, see :func:`runner_options`)."""
     if kind not in ("backend", "runner"):
         raise ConfigError(f"runner {name!r}: kind must be 'backend' or 'runner', got {kind!r}")
     if not clobber and (name in _ADDED or name in KNOWN):
         raise ConfigError(f"runner {name!r} is already registered (pass clobber=True to replace it)")
-    _ADDED[name] = RunnerEntry(name, target, kind, tuple(needs), install, tuple(options))
+    _ADDED[name] = RunnerEntry(name, target, kind, tuple(needs), install)
 
 
 def register_backend(name: str, factory: str | Callable[..., Any], clobber: bool = False) -> None:
@@ -173,9 +168,10 @@ def make_backend(name: str, **options: Any) -> Any:
 
 
 def runner_options(name: str) -> tuple[str, ...]:
-    """The keyword options the runner called ``name`` takes besides the run config: its entry's, or for a
-    plug-in runner its class's ``options`` attribute (empty for backends)."""
+    """The keyword options the runner called ``name`` takes besides the run config: the named parameters of its
+    class (empty for backends, whose options are run config keys)."""
     spec = entry(name)
     if spec.kind != "runner":
         return ()
-    return spec.options or tuple(getattr(load_target(spec), "options", ()))
+    named = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return tuple(p.name for p in inspect.signature(load_target(spec)).parameters.values() if p.kind in named)
