@@ -66,7 +66,8 @@ def open(result: str) -> RunResult:  # noqa: A001 - cosmicai.open, as in the doc
     from .results import RunFolder
 
     url = canonical_url(result, "result")
-    summary_url, plan_url = RunFolder(url).summary, RunFolder(url).plan
+    folder = RunFolder(url)
+    summary_url, plan_url = folder.summary, folder.plan
     plan = storage.read_json(plan_url) if storage.exists(plan_url) else None
     if not storage.exists(summary_url):
         raise NotFinishedError(_not_finished(url, plan))

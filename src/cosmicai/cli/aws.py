@@ -10,7 +10,7 @@ import tempfile
 import time
 from typing import Any, Callable
 
-from .run import add_run_args, cmd_run as run_command, short_cause
+from .run import add_run_args, cmd_run as run_command, execution_ended
 from ..lambda_limits import (LAMBDA_TIMEOUT_S, MAX_EPHEMERAL_MB, MAX_MEMORY_MB, MIN_EPHEMERAL_MB,
                                    MIN_MEMORY_MB)
 
@@ -159,15 +159,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _report(st: dict[str, Any], result_url: str | None, summary: dict[str, Any] | None) -> int:
-    if st.get("error"):
-        print(f"execution {st['status']}: {st['error']}: {short_cause(st.get('cause'))}", file=sys.stderr)
+    rc = execution_ended(st)
     if summary is not None:
         from ..pipeline.report import format_report
 
         print(format_report(summary))
     elif result_url:
         print(f"no summary.json under {result_url}", file=sys.stderr)
-    return 0 if st["status"] == "SUCCEEDED" else 1
+    return rc
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -86,22 +86,15 @@ def add_run_args(p: Any) -> None:
                    help="fetch partitions one after another instead of overlapping fetch and compute")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     aws = p.add_argument_group("--backend aws (the deployed Step Functions state machine, docs/aws.md)")
-    add_aws_target_args(aws, endpoint=False)
-    add_aws_run_args(aws)
+    _add_aws_args(aws)
 
 
-def add_aws_target_args(p: Any, endpoint: bool = True) -> None:
-    """Where the AWS runner finds its state machine (``cai run --backend aws``, ``cai aws run|status|logs``)."""
+def _add_aws_args(p: Any) -> None:
+    """Where the AWS runner finds its state machine, and how it starts and follows one execution."""
     p.add_argument("--stack", help="deployed stack name (its outputs give the state machine and result location)")
     p.add_argument("--state-machine-arn", dest="state_machine_arn",
                    help="the state machine to start, instead of --stack")
-    if endpoint:
-        p.add_argument("--endpoint", help="AWS endpoint URL for every service (default AWS_ENDPOINT_URL or AWS)")
     p.add_argument("--region", help="AWS region (default AWS_REGION, AWS_DEFAULT_REGION or the profile's)")
-
-
-def add_aws_run_args(p: Any) -> None:
-    """How the AWS runner starts and follows one execution."""
     p.add_argument("--max-concurrency", type=int, dest="max_concurrency",
                    help="ranks running at once (default: the stack's Distributed Map MaxConcurrency)")
     p.add_argument("--tolerated-failure-percentage", type=float, dest="tolerated_failure_percentage",
@@ -209,24 +202,27 @@ def run_whole(args: argparse.Namespace) -> int:
         print(f"cai: {exc}", file=sys.stderr)
         return 1
     except IncompleteRunError as exc:
-        _execution_error(runner)
+        execution_ended(_last_status(runner))
         print(f"cai: error: {exc}", file=sys.stderr)
         return 1
     if args.no_wait:
         return 0
-    return _execution_error(runner)
+    return execution_ended(_last_status(runner))
 
 
-def _execution_error(runner: Any) -> int:
-    """Print how the runner's last execution ended when it did not succeed; its exit status."""
-    last = getattr(runner, "last", None)
-    status = getattr(last, "status", None) or {}
+def _last_status(runner: Any) -> dict[str, Any]:
+    return getattr(getattr(runner, "last", None), "status", None) or {}
+
+
+def execution_ended(status: dict[str, Any]) -> int:
+    """Print how an execution ended when it did not succeed (its error and cause); its exit status."""
     if status.get("error"):
-        print(f"execution {status['status']}: {status['error']}: {short_cause(status.get('cause'))}", file=sys.stderr)
+        print(f"execution {status['status']}: {status['error']}: {_short_cause(status.get('cause'))}",
+              file=sys.stderr)
     return 0 if status.get("status", "SUCCEEDED") == "SUCCEEDED" else 1
 
 
-def short_cause(cause: Any, limit: int = 2000) -> str:
+def _short_cause(cause: Any, limit: int = 2000) -> str:
     import json
 
     if not isinstance(cause, str):
